@@ -1,0 +1,107 @@
+"""Reading Hugging Face checkpoint folders without torch or transformers' model classes.
+
+A checkpoint folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`, read only when
+torch is installed, with `weights_only=True`). Each model file maps these tensor names onto its own Flax
+NNX parameters; the helpers here keep the loading and the error messages the same for every model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model it is loaded into."""
+
+
+def read_config(path: str) -> dict:
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isfile(config_file):
+    raise CheckpointError(
+        f"{path}: no config.json. Expected a Hugging Face checkpoint folder with config.json and "
+        "model.safetensors (save one with `model.save_pretrained(folder)`).")
+  with open(config_file) as f:
+    return json.load(f)
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint folder (or a single .safetensors/.bin file) as float32/int numpy."""
+  if os.path.isdir(path):
+    candidates = ["model.safetensors", "pytorch_model.bin"]
+    found = [c for c in candidates if os.path.isfile(os.path.join(path, c))]
+    if not found:
+      raise CheckpointError(
+          f"{path}: neither model.safetensors nor pytorch_model.bin found; "
+          "save the checkpoint with `save_pretrained(folder, safe_serialization=True)`.")
+    path = os.path.join(path, found[0])
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      return dict(load_file(path))
+    except TypeError:
+      # bfloat16 tensors have no numpy dtype in safetensors.numpy: go through ml_dtypes.
+      return _read_safetensors_bf16(path)
+  return _read_torch_file(path)
+
+
+def _read_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(path, framework="flax") as f:
+    return {name: np.asarray(f.get_tensor(name), dtype=np.float32) for name in f.keys()}
+
+
+def _read_torch_file(path: str) -> dict[str, np.ndarray]:
+  """A pickled PyTorch state dict: only with torch installed, and never executing pickled code."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise CheckpointError(
+        f"{path} is a PyTorch pickle and torch is not installed. Convert it to safetensors once "
+        "(`model.save_pretrained(folder, safe_serialization=True)` where torch is available) and "
+        "point at the folder holding model.safetensors.") from e
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+    state = state["state_dict"]
+  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in state.items()}
+
+
+def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """Drops the first matching prefix (e.g. 'bert.') so bare and task models share one mapping."""
+  out = {}
+  for name, value in tensors.items():
+    for prefix in prefixes:
+      if name.startswith(prefix):
+        name = name[len(prefix):]
+        break
+    out[name] = value
+  return out
+
+
+def check_keys(path: str, expected: set[str], found: set[str], *, optional: set[str] = frozenset(),
+               ignored_prefixes: tuple[str, ...] = ()) -> None:
+  """One error listing every missing and unexpected tensor, instead of failing on the first."""
+  found = {k for k in found if not k.startswith(ignored_prefixes)}
+  missing = sorted(expected - found - set(optional))
+  unexpected = sorted(found - expected - set(optional))
+  if missing or unexpected:
+    lines = [f"{path}: checkpoint does not match the model."]
+    if missing:
+      lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing[:20])}"
+                   + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+      lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                   + (" ..." if len(unexpected) > 20 else ""))
+    lines.append("  Is this a checkpoint of another architecture, or of another size than config.json says?")
+    raise CheckpointError("\n".join(lines))
+
+
+def check_shape(path: str, name: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
+  if tuple(value.shape) != tuple(shape):
+    raise CheckpointError(
+        f"{path}: tensor {name} has shape {tuple(value.shape)} but the model expects {tuple(shape)}; "
+        "config.json and the weights disagree.")
