@@ -1,0 +1,58 @@
+"""What every stage config shares: the run settings and the data variants."""
+
+import ml_collections
+
+VARIANTS = ("toyshop", "fashion", "taimd17k")
+
+
+def data_config(variant: str) -> ml_collections.ConfigDict:
+  """The dataset of a variant; each variant holds only the keys its builder reads."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+  data = ml_collections.ConfigDict()
+  data.data_dir = None  # Where prepared (array_record) data is cached; None: TFDS's default.
+  data.on_bad_row = "error"  # Or "skip": bad rows are counted, logged and listed in bad_rows.json.
+  if variant == "toyshop":
+    data.name = "toyshop"
+    data.toyshop = ml_collections.ConfigDict(dict(
+        num_text_classes=4, num_image_classes=4, num_kinds=2, num_variants=2,
+        train_per_class=100, validation_per_class=30, test_per_class=50, image_size=32, seed=0))
+    data.image_size = 32
+  elif variant == "fashion":
+    data.name = "fashion_products"
+    data.manual_dir = "../shared/data/fashion-products"
+    data.label_field = "article_type"
+    data.top_k = 31
+    data.min_count = 0
+    data.image_size = 64
+  else:
+    data.name = "product_folder"
+    data.manual_dir = ml_collections.config_dict.placeholder(str)
+    data.csv = "products.csv"
+    data.image_dir = "images"
+    data.id_column = "id"
+    data.text_column = "text"
+    data.label_column = "label"
+    data.split_column = "split"
+    data.image_column = ml_collections.config_dict.placeholder(str)
+    data.classes = ml_collections.config_dict.placeholder(tuple)
+    data.image_size = 224
+  return data
+
+
+def base_config(stage: str, variant: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.variant = variant
+  config.mode = "train"  # "eval": restore the best checkpoint and evaluate, no training.
+  config.seed = 0
+  config.data = data_config(variant)
+  config.batch_size = 64
+  config.eval_batch_size = 256
+  config.num_epochs = 1
+  config.total_steps = 0  # > 0 overrides num_epochs.
+  config.log_every_steps = 20
+  config.eval_every_steps = 0  # 0: at the end of every epoch.
+  config.checkpoint_every_steps = 0  # 0: at the end of every epoch.
+  config.keep_checkpoints = 2
+  return config

@@ -1,0 +1,33 @@
+r"""Text learner: a BERT encoder with a classification head on the product title.
+
+Variants (`--config=configs/text.py:VARIANT`):
+  toyshop   (default) the generated dataset; a small BERT trained from scratch in seconds on a CPU.
+  fashion   ../shared/data/fashion-products (set --config.data.manual_dir), article_type top-31.
+  taimd17k  a TAIMD-17k style product folder (images/ + products.csv of id,text,label[,split]).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
+  config = common.base_config("text", arg)
+  config.data.max_length = 16 if arg == "toyshop" else 32
+  config.data.vocab_size = 1000 if arg == "toyshop" else 8000
+  config.data.tokenizer = None  # A HF checkpoint folder with tokenizer.json/vocab.txt; None: train one.
+  config.init_from = None  # A HF BERT folder (config.json + model.safetensors) to start from.
+
+  config.model = ml_collections.ConfigDict(dict(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+  if arg != "toyshop":
+    config.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024)
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3 if arg == "toyshop" else 3e-4, weight_decay=0.01,
+      warmup_fraction=0.1, schedule="cosine", grad_clip_norm=1.0))
+  config.batch_size = 64
+  config.num_epochs = 8 if arg == "toyshop" else 5
+  return config

@@ -1,0 +1,169 @@
+"""Host-side input pipeline: random-access records -> fixed-shape numpy batches -> sharded arrays.
+
+Records come from `tfds.data_source` (array_record, no TensorFlow). Training order is a seeded
+permutation per epoch, so step s always sees the same examples: a resumed run continues exactly where
+an uninterrupted one would be. Evaluation walks each split once in order; the last batch is padded and
+masked so every example is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from PIL import Image
+
+from jmmshap.tokenizer import TitleTokenizer
+
+Batch = dict[str, np.ndarray]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RecordSource(Protocol):
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+def read_records(source: RecordSource, indices: Sequence[int]) -> list[dict[str, Any]]:
+  """Batched random access when the source supports it (array_record reads in parallel)."""
+  indices = [int(i) for i in indices]
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__(indices))
+  return [source[i] for i in indices]
+
+
+def as_text(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray):
+    return as_text(value.item())
+  return str(value)
+
+
+def decode_image(value: Any) -> np.ndarray:
+  """uint8 (H, W, 3) from a decoded array or encoded bytes."""
+  if isinstance(value, (bytes, np.bytes_)):
+    with Image.open(io.BytesIO(value)) as image:
+      return np.asarray(image.convert("RGB"))
+  array = np.asarray(value)
+  if array.ndim == 2:
+    array = np.repeat(array[..., None], 3, axis=-1)
+  if array.shape[-1] == 1:
+    array = np.repeat(array, 3, axis=-1)
+  return array
+
+
+class Preprocessor:
+  """Tokenises titles and resizes/normalises images for a list of records."""
+
+  def __init__(self, tokenizer: TitleTokenizer | None, image_size: int | None,
+               image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD):
+    self.tokenizer = tokenizer
+    self.image_size = image_size
+    self.image_mean = np.asarray(image_mean, np.float32)
+    self.image_std = np.asarray(image_std, np.float32)
+
+  def image(self, value: Any) -> np.ndarray:
+    array = decode_image(value)
+    if array.shape[:2] != (self.image_size, self.image_size):
+      resized = Image.fromarray(array).resize((self.image_size, self.image_size), Image.BILINEAR)
+      array = np.asarray(resized)
+    return (array.astype(np.float32) / 255.0 - self.image_mean) / self.image_std
+
+  def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
+    batch: Batch = {
+        "label": np.asarray([int(r["label"]) for r in records], np.int32),
+        "id": np.asarray([as_text(r["id"]) for r in records]),
+    }
+    if self.tokenizer is not None:
+      batch.update(self.tokenizer([as_text(r["title"]) for r in records]))
+    if self.image_size:
+      batch["pixel_values"] = np.stack([self.image(r["image"]) for r in records])
+    return batch
+
+
+def process_slice(global_batch_size: int) -> slice:
+  """Which rows of each global batch this process reads."""
+  local = global_batch_size // jax.process_count()
+  start = jax.process_index() * local
+  return slice(start, start + local)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  steps = num_examples // global_batch_size
+  if steps == 0:
+    raise ValueError(f"the training split has {num_examples} examples, fewer than one batch of "
+                     f"{global_batch_size}: lower batch_size")
+  return steps
+
+
+def train_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
+                  global_batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+  """Endless training batches; epoch e is the permutation seeded by (seed, e), short tail dropped."""
+  num_examples = len(source)
+  per_epoch = steps_per_epoch(num_examples, global_batch_size)
+  rows = process_slice(global_batch_size)
+  step = start_step
+  while True:
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    for position in range(offset, per_epoch):
+      indices = order[position * global_batch_size:(position + 1) * global_batch_size][rows]
+      yield preprocess(read_records(source, indices))
+    step = (epoch + 1) * per_epoch
+
+
+def eval_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
+                 global_batch_size: int) -> Iterator[Batch]:
+  """Each example once, in order; padding rows repeat example 0 and carry mask 0 and index -1."""
+  num_examples = len(source)
+  rows = process_slice(global_batch_size)
+  for start in range(0, num_examples, global_batch_size):
+    indices = np.arange(start, start + global_batch_size)[rows]
+    real = indices < num_examples
+    batch = preprocess(read_records(source, np.where(real, indices, 0)))
+    batch["mask"] = real.astype(np.float32)
+    batch["index"] = np.where(real, indices, -1).astype(np.int32)
+    yield batch
+
+
+def prefetch(batches: Iterator[Batch], size: int = 2) -> Iterator[Batch]:
+  """Prepares the next batches in a background thread while the devices work on the current one."""
+  buffer: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for batch in batches:
+        while not stop.is_set():
+          try:
+            buffer.put(batch, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      buffer.put(done)
+    except BaseException as error:  # pylint: disable=broad-except
+      buffer.put(error)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = buffer.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

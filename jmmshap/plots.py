@@ -1,0 +1,55 @@
+"""PNG figures people look at: training curves (the paper's Fig. 2 and 3) and confusion matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+
+
+def training_curves(records: Sequence[dict], path_prefix: str, title: str) -> list[str]:
+  """`{prefix}loss.png` and `{prefix}accuracy.png` from log.jsonl records; returns the paths."""
+  train = [r for r in records if r.get("split") == "train"]
+  validation = [r for r in records if r.get("split") == "validation"]
+  paths = []
+  for metric, label in (("loss", "loss"), ("accuracy", "accuracy")):
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+      axis.plot([r["step"] for r in train], [r[metric] for r in train], label=f"train {label}")
+    if validation and metric in validation[0]:
+      axis.plot([r["step"] for r in validation], [r[metric] for r in validation], "o-",
+                label=f"validation {label}")
+    axis.set_xlabel("step")
+    axis.set_ylabel(label)
+    axis.set_title(f"{title}: {label}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path = f"{path_prefix}{metric}.png"
+    figure.savefig(path)
+    plt.close(figure)
+    paths.append(path)
+  return paths
+
+
+def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str, title: str) -> str:
+  """Row-normalised confusion matrix (rows: true class)."""
+  counts = np.asarray(counts, np.float64)
+  rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  size = max(5.0, 0.3 * len(class_names) + 2)
+  figure, axis = plt.subplots(figsize=(size, size), dpi=100)
+  image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+  axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+  axis.set_yticks(range(len(class_names)), class_names, fontsize=7)
+  axis.set_xlabel("predicted")
+  axis.set_ylabel("true")
+  axis.set_title(title)
+  figure.colorbar(image, ax=axis, fraction=0.046)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+  return path

@@ -1,0 +1,98 @@
+"""Title tokenisation with Hugging Face `tokenizers`: a checkpoint's own WordPiece, or one trained here.
+
+Without a pretrained text model there is no vocabulary to reuse, so a BERT-style WordPiece vocabulary is
+trained on the training titles and saved next to the checkpoints (the eval mode and later stages reload
+it, so ids never drift between runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class TitleTokenizer:
+  """Fixed-length BERT inputs for a batch of titles, plus word ids to group tokens into players."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, max_length: int):
+    if max_length < 3:
+      raise ValueError(f"max_length={max_length}: need room for [CLS], one token and [SEP]")
+    self.tokenizer = tokenizer
+    self.max_length = max_length
+    for token in SPECIAL_TOKENS:
+      if tokenizer.token_to_id(token) is None:
+        raise ValueError(f"the tokenizer has no {token} token; a BERT WordPiece vocabulary is expected")
+    self.pad_id = tokenizer.token_to_id("[PAD]")
+    self.cls_id = tokenizer.token_to_id("[CLS]")
+    self.sep_id = tokenizer.token_to_id("[SEP]")
+    self.mask_id = tokenizer.token_to_id("[MASK]")
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size()
+
+  @classmethod
+  def train(cls, titles: Iterable[str], *, vocab_size: int, max_length: int,
+            lowercase: bool = True) -> TitleTokenizer:
+    """A WordPiece vocabulary learnt from the training titles only (never from evaluation data)."""
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        show_progress=False)
+    tokenizer.train_from_iterator(titles, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return cls(tokenizer, max_length)
+
+  @classmethod
+  def from_folder(cls, path: str, *, max_length: int) -> TitleTokenizer:
+    """The tokenizer of a checkpoint folder: tokenizer.json, else vocab.txt (+ tokenizer_config.json)."""
+    json_file = os.path.join(path, TOKENIZER_FILE)
+    if os.path.isfile(json_file):
+      return cls(tokenizers.Tokenizer.from_file(json_file), max_length)
+    vocab_file = os.path.join(path, "vocab.txt")
+    if not os.path.isfile(vocab_file):
+      raise FileNotFoundError(
+          f"{path}: no tokenizer.json or vocab.txt; point data.tokenizer at a checkpoint folder that has "
+          "one, or leave it empty to train a WordPiece vocabulary on the training titles.")
+    lowercase = True
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config_file):
+      with open(config_file) as f:
+        lowercase = bool(json.load(f).get("do_lower_case", True))
+    from tokenizers.implementations import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
+    wordpiece = BertWordPieceTokenizer(vocab_file, lowercase=lowercase, strip_accents=lowercase)
+    return cls(wordpiece._tokenizer, max_length)  # pylint: disable=protected-access
+
+  def save(self, path: str) -> None:
+    self.tokenizer.save(path)
+
+  def __call__(self, titles: Sequence[str]) -> dict[str, np.ndarray]:
+    """input_ids, attention_mask, token_type_ids and word_ids (-1 on [CLS]/[SEP]/[PAD]), all (B, L)."""
+    encodings = self.tokenizer.encode_batch(list(titles))
+    batch, length = len(encodings), self.max_length
+    input_ids = np.full((batch, length), self.pad_id, np.int32)
+    attention_mask = np.zeros((batch, length), np.int32)
+    word_ids = np.full((batch, length), -1, np.int32)
+    for row, encoding in enumerate(encodings):
+      ids = encoding.ids
+      input_ids[row, :len(ids)] = ids
+      attention_mask[row, :len(ids)] = 1
+      word_ids[row, :len(ids)] = [-1 if w is None or s else w
+                                  for w, s in zip(encoding.word_ids, encoding.special_tokens_mask)]
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "token_type_ids": np.zeros((batch, length), np.int32), "word_ids": word_ids}
