@@ -267,6 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (or with config.mode='eval' only restores) a classifier stage and writes its outputs."""
   from jmmshap import builders  # pylint: disable=g-import-not-at-top
 
+  if config.mode not in ("train", "eval"):
+    raise ValueError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
   directory = stage_dir(workdir, stage.name)
   os.makedirs(directory, exist_ok=True)
   mesh = parallel.make_mesh()
@@ -300,8 +302,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.mode == "train":
     _train(config, directory, stage, sources, preprocess, train_graphdef, params, model_state, mesh,
            eval_step, eval_batch_size, num_classes, latest_manager, best_manager)
-  elif config.mode != "eval":
-    raise ValueError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
   latest_manager.close()
   best_manager.close()
 

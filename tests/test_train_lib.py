@@ -1,0 +1,120 @@
+"""One train -> stop -> resume -> eval cycle of the text stage on toyshop, on 2 fake CPU devices."""
+
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import text as text_config
+from jmmshap import metrics, stages, train_lib
+
+
+def _tiny_text_config(data_dir: str) -> ml_collections.ConfigDict:
+  config = text_config.get_config("toyshop")
+  config.data.data_dir = data_dir
+  config.data.toyshop.update(train_per_class=6, validation_per_class=2, test_per_class=3)
+  config.data.max_length = 12
+  config.data.vocab_size = 200
+  config.model.update(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.total_steps = 6
+  config.eval_every_steps = 3
+  config.checkpoint_every_steps = 3
+  config.log_every_steps = 2
+  return config
+
+
+def _latest_params(workdir: str, step: int) -> list[np.ndarray]:
+  path = os.path.join(workdir, "text", "checkpoints", str(step), "state")
+  restored = ocp.StandardCheckpointer().restore(path)
+  return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("train_lib")
+  config = _tiny_text_config(str(root / "tfds"))
+  workdir = str(root / "uninterrupted")
+  report = stages.run(config, workdir)
+  return config, root, workdir, report
+
+
+def test_text_stage_writes_metrics_logits_curves_and_log(trained):
+  _, _, workdir, report = trained
+  stage = os.path.join(workdir, "text")
+  with open(os.path.join(stage, "metrics.json")) as f:
+    written = json.load(f)
+  assert written == report
+  assert set(written) == {"validation", "test"}
+  assert set(written["test"]) == set(metrics.METRIC_NAMES)
+  test = np.load(os.path.join(stage, "logits_test.npz"))
+  num_classes = len(test["class_names"])
+  assert test["logits"].shape == (num_classes * 3, num_classes)
+  assert len(set(test["ids"])) == len(test["ids"])  # Every example once, none padded in.
+  recomputed = metrics.classification_metrics(test["labels"], test["logits"].argmax(-1), num_classes)
+  assert recomputed == pytest.approx(written["test"])
+  with open(os.path.join(stage, "log.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+  assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
+  assert all(np.isfinite(r["loss"]) and r["examples_per_sec"] > 0 for r in records
+             if r["split"] == "train")
+  for name in ("loss.png", "accuracy.png", "tokenizer.json", "config.json"):
+    assert os.path.getsize(os.path.join(stage, name)) > 0
+
+
+def test_resumed_run_ends_with_the_same_params_as_an_uninterrupted_one(trained):
+  config, root, workdir, report = trained
+  resumed = str(root / "resumed")
+  shutil.copytree(workdir, resumed)
+  stage = os.path.join(resumed, "text")
+  # As if killed right after the step-3 checkpoint: later checkpoints and outputs never happened.
+  shutil.rmtree(os.path.join(stage, "checkpoints", "6"))
+  for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
+    os.remove(os.path.join(stage, name))
+  resumed_report = stages.run(config, resumed)
+  for split in ("validation", "test"):
+    assert resumed_report[split] == pytest.approx(report[split])
+  for ours, theirs in zip(_latest_params(resumed, 6), _latest_params(workdir, 6)):
+    np.testing.assert_array_equal(ours, theirs)
+  with open(os.path.join(stage, "log.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+  assert steps == [2, 4, 6]  # Nothing logged twice.
+
+
+def test_eval_mode_restores_the_best_checkpoint_and_reproduces_metrics(trained):
+  config, _, workdir, report = trained
+  os.remove(os.path.join(workdir, "text", "metrics.json"))
+  eval_config = ml_collections.ConfigDict(config.to_dict())
+  eval_config.mode = "eval"
+  assert stages.run(eval_config, workdir) == report
+
+
+def test_optimizer_decays_matrices_but_not_biases():
+  config = ml_collections.ConfigDict(dict(name="adamw", learning_rate=0.1, weight_decay=0.5,
+                                          schedule="constant"))
+  optimizer, _ = train_lib.make_optimizer(config, total_steps=10)
+  params = {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}
+  zero_grads = jax.tree.map(np.zeros_like, params)
+  updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["kernel"], 1 - 0.1 * 0.5)
+  np.testing.assert_allclose(new["bias"], 1.0)
+
+
+def test_unknown_stage_and_mode_are_refused(tmp_path):
+  config = text_config.get_config()
+  config.stage = "txet"
+  with pytest.raises(ValueError, match="known stages"):
+    stages.run(config, str(tmp_path))
+  config = text_config.get_config()
+  config.mode = "evaluate"
+  with pytest.raises(ValueError, match="use 'train' or 'eval'"):
+    stages.run(config, str(tmp_path))
