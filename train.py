@@ -21,6 +21,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  # Orbax reports every file it touches at INFO; keep the log about the run.
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   stages.run(_CONFIG.value, _WORKDIR.value)
 
 

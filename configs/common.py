@@ -10,7 +10,7 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
   data = ml_collections.ConfigDict()
-  data.data_dir = None  # Where prepared (array_record) data is cached; None: TFDS's default.
+  data.data_dir = ml_collections.config_dict.placeholder(str)  # Where prepared (array_record) data is cached; None: TFDS's default.
   data.on_bad_row = "error"  # Or "skip": bad rows are counted, logged and listed in bad_rows.json.
   if variant == "toyshop":
     data.name = "toyshop"

@@ -15,8 +15,8 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config = common.base_config("text", arg)
   config.data.max_length = 16 if arg == "toyshop" else 32
   config.data.vocab_size = 1000 if arg == "toyshop" else 8000
-  config.data.tokenizer = None  # A HF checkpoint folder with tokenizer.json/vocab.txt; None: train one.
-  config.init_from = None  # A HF BERT folder (config.json + model.safetensors) to start from.
+  config.data.tokenizer = ml_collections.config_dict.placeholder(str)  # A HF checkpoint folder with tokenizer.json/vocab.txt; None: train one.
+  config.init_from = ml_collections.config_dict.placeholder(str)  # A HF BERT folder (config.json + model.safetensors) to start from.
 
   config.model = ml_collections.ConfigDict(dict(
       hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
