@@ -1,0 +1,720 @@
+"""TFDS builders for the product datasets, written as array_record and read with `as_data_source`.
+
+Every builder has the same features, so the input pipeline never branches on the dataset:
+`id` (Text), `title` (Text), `image` (Image, HxWx3 uint8), `label` (ClassLabel), and the splits
+`train`, `validation`, `test`. No TensorFlow is needed to build or read: images are stored as their
+encoded JPEG/PNG bytes and `builder.as_data_source(split)[i]` decodes them with PIL, giving
+`{'id': bytes, 'title': bytes, 'image': uint8 HxWx3, 'label': int}` (Text comes back as UTF-8 bytes).
+
+- `Toyshop`: the generated dataset of `jmmshap.toyshop`; its class reliance metadata (the MM-SHAP ground
+  truth) is stored in `info.metadata` and read back with `class_reliance(builder)`.
+- `FashionProducts`: the `fashion-products` folder (products.csv + images/{id}.jpg, fixed `split` column).
+- `ProductFolder`: any folder of images plus a CSV of id, text, label (see the class docstring).
+
+A builder config's name ends in a hash of every setting that changes the prepared data (and, for the CSV
+builders, of the CSV's content), so two settings never share a prepared cache. `prepare(data_config)` is
+the one entry point for the pipeline.
+
+Bad rows of the CSV builders (missing or corrupt image, empty title, label outside the class set, bytes
+that are not UTF-8, ...) stop preparation with an error naming the CSV line and file, or, with
+`on_bad_row='skip'`, are skipped, logged and listed in `bad_rows.json` next to the prepared data.
+Rows whose label is outside a *selected* class subset (FashionProducts' top_k/min_count) are not bad:
+they are excluded by design, and counted in the same report. `read_report(builder)` returns it:
+{'csv', 'on_bad_row', 'examples': {split: n}, 'skipped': {split: n}, 'excluded_by_selection':
+{split: n}, 'bad_rows': {split: [{'line', 'id', 'file', 'reason'}]}}, where `line` is the CSV line the
+row starts on and bad rows whose split is unknown are under 'unassigned'.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import importlib.resources.abc
+import importlib.util
+import io
+import json
+import os
+import sys
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import ml_collections
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from jmmshap import toyshop
+
+# TFDS looks up builders defined inside a package through the `importlib_resources` backport, which it
+# only declares for Python < 3.9 (tensorflow/datasets#11212). Where the backport is absent, the standard
+# library module provides the one thing TFDS uses from it (`abc.Traversable`).
+if importlib.util.find_spec("importlib_resources") is None:
+  sys.modules["importlib_resources"] = importlib.resources
+
+SPLITS = ("train", "validation", "test")
+REPORT_FILE = "bad_rows.json"
+ON_BAD_ROW = ("error", "skip")
+UNASSIGNED = "unassigned"  # Report key for bad rows whose split is unknown (e.g. its split value is bad).
+_SKIP_HINT = "set --config.data.on_bad_row=skip"
+_MAX_LOGGED_BAD_ROWS = 20
+
+
+class BadRowError(ValueError):
+  """A CSV row that cannot become an example, with on_bad_row='error'."""
+
+
+class CsvFormatError(ValueError):
+  """A CSV that cannot be read at all (missing column, undecodable header, ...): no skip possible."""
+
+
+def _features(class_names: Sequence[str],
+              image_shape: tuple[int | None, int | None, int] = (None, None, 3),
+              encoding_format: str | None = None) -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      "id": tfds.features.Text(),
+      "title": tfds.features.Text(),
+      "image": tfds.features.Image(shape=image_shape, encoding_format=encoding_format),
+      "label": tfds.features.ClassLabel(names=list(class_names)),
+  })
+
+
+def _settings_hash(settings: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Toyshop.
+
+
+@dataclasses.dataclass(eq=False)
+class ToyshopConfig(tfds.core.BuilderConfig):
+  spec: toyshop.ToyshopSpec = dataclasses.field(default_factory=toyshop.ToyshopSpec)
+
+
+def toyshop_config(spec: toyshop.ToyshopSpec) -> ToyshopConfig:
+  """A config named after the spec and the generator version, so each spec gets its own cache."""
+  settings = {"spec": dataclasses.asdict(spec), "generator_version": toyshop.GENERATOR_VERSION}
+  return ToyshopConfig(
+      name=f"{spec.num_classes}classes-{spec.image_size}px-seed{spec.seed}-{_settings_hash(settings)}",
+      description=f"Toyshop generated from {spec}.",
+      spec=spec)
+
+
+class Toyshop(tfds.core.GeneratorBasedBuilder):
+  """The generated toyshop dataset; class reliance (MM-SHAP ground truth) is in info.metadata."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    spec = _require_config(self, ToyshopConfig, "toyshop_config(spec)").spec
+    infos = toyshop.classes(spec)
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Generated products whose per-class modality reliance is known (jmmshap.toyshop).",
+        features=_features([c.name for c in infos], (spec.image_size, spec.image_size, 3), "png"),
+        metadata=tfds.core.MetadataDict(
+            class_reliance=[dataclasses.asdict(c) for c in infos],
+            spec=dataclasses.asdict(spec),
+            generator_version=toyshop.GENERATOR_VERSION),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the data is code.
+    return {split: self._generate_examples(split) for split in SPLITS}
+
+  def _generate_examples(self, split: str):
+    for example in toyshop.examples(self.builder_config.spec, split):
+      yield example["id"], example
+
+
+def _require_config(builder: tfds.core.DatasetBuilder, config_type: type, factory: str):
+  config = builder.builder_config
+  if not isinstance(config, config_type):
+    raise ValueError(
+        f"{type(builder).__name__} needs a {config_type.__name__} (got {config!r}): build it with "
+        f"jmmshap.builders.prepare(data_config), or pass config={factory}.")
+  return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading product CSVs, shared by FashionProducts and ProductFolder.
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+  """One skipped row, as listed in bad_rows.json."""
+  split: str
+  line: int
+  id: str
+  file: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+  line: int
+  id: str
+  title: str
+  label: str
+  split: str | None
+  image_path: str
+
+
+@dataclasses.dataclass
+class _Catalog:
+  csv_path: str
+  rows: list[_Row]
+  bad_rows: list[BadRow]
+
+
+def _printable(text: str) -> str:
+  """Text with undecodable bytes (kept as surrogates) shown as U+FFFD, safe to print and to JSON."""
+  return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _first_bad_byte(text: str) -> str:
+  for char in text:
+    if "\udc80" <= char <= "\udcff":
+      return f"0x{ord(char) - 0xdc00:02x}"
+  return "?"
+
+
+def _read_catalog(csv_path: str, *, id_column: str, text_column: str, label_column: str,
+                  split_column: str | None, image_column: str | None, image_dir: str) -> _Catalog:
+  """Parses every row, setting apart the ones that cannot be an example whatever the images hold."""
+  if not os.path.isfile(csv_path):
+    raise CsvFormatError(f"{csv_path}: no such CSV file. Point the data config at the product CSV.")
+  with open(csv_path, "rb") as f:
+    raw = f.read()
+  # surrogateescape keeps undecodable bytes, so one bad row is reported instead of the whole file.
+  text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+  reader = csv.reader(io.StringIO(text, newline=""))
+  header = next(reader, None)
+  if header is None:
+    raise CsvFormatError(f"{csv_path}: the file is empty; expected a header row and product rows.")
+  if any(_printable(name) != name for name in header):
+    raise CsvFormatError(f"{csv_path}, line 1: the header is not valid UTF-8; re-save the file as UTF-8.")
+  header = [name.strip() for name in header]
+  wanted = {"id": id_column, "text": text_column, "label": label_column}
+  if split_column:
+    wanted["split"] = split_column
+  if image_column:
+    wanted["image"] = image_column
+  missing = sorted(column for column in wanted.values() if column not in header)
+  if missing:
+    raise CsvFormatError(
+        f"{csv_path}: no column(s) {', '.join(map(repr, missing))}; the header has "
+        f"{', '.join(map(repr, header))}. Set the data config's column names to match the file.")
+  index = {role: header.index(column) for role, column in wanted.items()}
+
+  rows, bad_rows, first_line_of_id = [], [], {}
+  while True:
+    line = reader.line_num + 1  # Where the next row starts (a quoted field may span lines).
+    record = next(reader, None)
+    if record is None:
+      break
+    if not record:
+      continue  # A blank line holds no product.
+    values = {role: record[i].strip() if i < len(record) else "" for role, i in index.items()}
+    split = values["split"].lower() if split_column else None
+    undecodable = [name for name, value in zip(header, record) if _printable(value) != value]
+    if len(record) != len(header):
+      reason = f"the row has {len(record)} fields but the header has {len(header)}"
+    elif undecodable:
+      reason = (f"not valid UTF-8 (byte {_first_bad_byte(''.join(record))} in column(s) "
+                f"{', '.join(undecodable)}); re-save the CSV as UTF-8")
+    elif split_column and split not in SPLITS:
+      reason = f"split {values['split']!r} in column {split_column!r} is not one of {', '.join(SPLITS)}"
+    elif not values["id"]:
+      reason = f"empty id in column {id_column!r}"
+    elif values["id"] in first_line_of_id:
+      reason = f"duplicate id {values['id']!r} (first on line {first_line_of_id[values['id']]})"
+    elif not values["text"]:
+      reason = f"empty title in column {text_column!r}"
+    elif not values["label"]:
+      reason = f"empty label in column {label_column!r}"
+    elif image_column and not values["image"]:
+      reason = f"empty image path in column {image_column!r}"
+    else:
+      reason = None
+    if reason is not None:
+      bad_rows.append(BadRow(split if split in SPLITS else UNASSIGNED, line,
+                             _printable(values["id"]), csv_path, reason))
+      continue
+    first_line_of_id[values["id"]] = line
+    image_name = values["image"] if image_column else f"{values['id']}.jpg"
+    rows.append(_Row(line, values["id"], values["text"], values["label"], split,
+                     os.path.join(image_dir, image_name)))
+  return _Catalog(csv_path, rows, bad_rows)
+
+
+class _ImageProblem(Exception):
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def _encoded_rgb_image(path: str) -> tuple[bytes, bool]:
+  """(bytes to store, whether they were re-encoded); decodes fully so corrupt files fail at build time.
+
+  JPEG and PNG files already in RGB are stored as they are; anything else (grey, CMYK, palette, other
+  formats) is converted to RGB and stored as PNG, so every reader decodes to HxWx3.
+  """
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise _ImageProblem("missing image file") from None
+  except OSError as e:
+    raise _ImageProblem(f"unreadable image file ({e.strerror})") from None
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      if image.format in ("JPEG", "PNG") and image.mode == "RGB":
+        return data, False
+      rgb = image.convert("RGB")
+  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types for malformed files.
+    raise _ImageProblem(f"corrupt image ({type(e).__name__}: {e})") from None
+  buffer = io.BytesIO()
+  rgb.save(buffer, format="PNG")
+  return buffer.getvalue(), True
+
+
+def _describe(csv_path: str, bad: BadRow) -> str:
+  where = f"{csv_path}, line {bad.line} (id {bad.id!r})"
+  what = bad.reason if bad.file == csv_path else f"{bad.reason}: {bad.file}"
+  return f"{where}: {what}"
+
+
+class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared preparation of the CSV builders: selection, image checks, bad-row policy and report."""
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Pass the folder holding the product CSV and its images as "
+                                  "--config.data.manual_dir.")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self._config()
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=_features(config.class_names))
+
+  def _config(self):
+    raise NotImplementedError
+
+  def _read(self, manual_dir: str) -> _Catalog:
+    raise NotImplementedError
+
+  def _select(self, catalog: _Catalog) -> tuple[dict[str, list[_Row]], list[BadRow], dict[str, int]]:
+    """(rows per split, rows that are bad because of the class set, rows excluded by selection)."""
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    config = self._config()
+    catalog = self._read(os.fspath(dl_manager.manual_dir))
+    found_sha = _file_sha256(catalog.csv_path)
+    if found_sha != config.csv_sha256:
+      raise ValueError(
+          f"{catalog.csv_path} changed since this builder config was made (sha256 {found_sha[:10]}, "
+          f"config {config.csv_sha256[:10]}); make the config again (prepare() does).")
+    rows_by_split, selection_bad_rows, excluded = self._select(catalog)
+    bad_rows = []
+
+    def reject(bad: BadRow) -> None:
+      if config.on_bad_row == "error":
+        raise BadRowError(
+            f"Bad row in {_describe(catalog.csv_path, bad)}. Fix or remove the row, or "
+            f"{_SKIP_HINT} to skip bad rows (they are then listed in {REPORT_FILE} next to the "
+            "prepared data).")
+      if len(bad_rows) < _MAX_LOGGED_BAD_ROWS:
+        logging.warning("Skipping bad row (on_bad_row=skip): %s", _describe(catalog.csv_path, bad))
+      bad_rows.append(bad)
+
+    for bad in sorted(catalog.bad_rows + selection_bad_rows, key=lambda bad: bad.line):
+      reject(bad)
+    # Every image is decoded here, before anything is written, so an error stops preparation before
+    # it starts and the report is complete when it is written next to the data.
+    converted = {}
+    for split in SPLITS:
+      good = []
+      for row in rows_by_split[split]:
+        try:
+          data, was_converted = _encoded_rgb_image(row.image_path)
+        except _ImageProblem as problem:
+          reject(BadRow(split, row.line, row.id, row.image_path, problem.reason))
+          continue
+        if was_converted:
+          converted[row.id] = data
+        good.append(row)
+      rows_by_split[split] = good
+      if not good:
+        raise ValueError(
+            f"{catalog.csv_path}: split {split!r} has no usable rows (see the bad rows logged above, "
+            f"and the split column / class selection); every split needs at least one product.")
+
+    self._write_report(catalog.csv_path, bad_rows, excluded, rows_by_split)
+    return {split: self._generate_examples(rows_by_split[split], converted) for split in SPLITS}
+
+  def _write_report(self, csv_path: str, bad_rows: Sequence[BadRow], excluded: Mapping[str, int],
+                    rows_by_split: Mapping[str, Sequence[_Row]]) -> None:
+    by_split = collections.defaultdict(list)
+    for bad in sorted(bad_rows, key=lambda bad: bad.line):
+      by_split[bad.split].append({"line": bad.line, "id": bad.id, "file": bad.file, "reason": bad.reason})
+    report = {
+        "csv": csv_path,
+        "on_bad_row": self._config().on_bad_row,
+        "examples": {split: len(rows_by_split[split]) for split in SPLITS},
+        "skipped": {split: len(by_split.get(split, [])) for split in (*SPLITS, UNASSIGNED)},
+        "excluded_by_selection": {split: excluded.get(split, 0) for split in SPLITS},
+        "bad_rows": {split: by_split.get(split, []) for split in (*SPLITS, UNASSIGNED)},
+    }
+    if bad_rows:
+      logging.warning("%s: skipped %d bad rows (%s); all are listed in %s in the prepared dataset "
+                      "directory.", self.name, len(bad_rows),
+                      ", ".join(f"{k}: {v}" for k, v in report["skipped"].items() if v), REPORT_FILE)
+    if any(excluded.values()):
+      logging.info("%s: %d rows excluded by class selection (%s).", self.name, sum(excluded.values()),
+                   ", ".join(f"{k}: {v}" for k, v in report["excluded_by_selection"].items()))
+    # During preparation data_dir is TFDS's temporary directory, renamed with the data on success.
+    with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
+      json.dump(report, f, indent=1)
+
+  def _generate_examples(self, rows: Sequence[_Row], converted: Mapping[str, bytes]):
+    class_names = set(self._config().class_names)
+    for row in rows:
+      assert row.label in class_names, row  # _select guarantees it.
+      image = converted.get(row.id)
+      if image is None:
+        with open(row.image_path, "rb") as f:
+          image = f.read()
+      yield row.id, {"id": row.id, "title": row.title, "image": image, "label": row.label}
+
+
+def _check_on_bad_row(on_bad_row: str) -> str:
+  if on_bad_row not in ON_BAD_ROW:
+    raise ValueError(f"on_bad_row={on_bad_row!r}; expected one of {', '.join(ON_BAD_ROW)}.")
+  return on_bad_row
+
+
+def read_report(builder: tfds.core.DatasetBuilder) -> dict | None:
+  """The bad-row / selection report of a prepared CSV dataset; None for builders that write none."""
+  path = os.path.join(os.fspath(builder.data_dir), REPORT_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FashionProducts.
+
+_FASHION_CSV = "products.csv"
+
+
+@dataclasses.dataclass(eq=False)
+class FashionProductsConfig(tfds.core.BuilderConfig):
+  label_field: str = "article_type"
+  top_k: int | None = 31
+  min_count: int | None = None
+  on_bad_row: str = "error"
+  csv_sha256: str = ""
+  class_names: tuple[str, ...] = ()
+
+
+def select_classes(label_counts: Mapping[str, int], top_k: int | None,
+                   min_count: int | None) -> list[str]:
+  """Classes with >= min_count items, then the top_k most frequent of those; ties broken by name."""
+  ranked = sorted(label_counts, key=lambda name: (-label_counts[name], name))
+  if min_count is not None:
+    ranked = [name for name in ranked if label_counts[name] >= min_count]
+  if top_k is not None:
+    ranked = ranked[:top_k]
+  return ranked
+
+
+def _fashion_catalog(manual_dir: str, label_field: str) -> _Catalog:
+  return _read_catalog(os.path.join(manual_dir, _FASHION_CSV), id_column="id", text_column="title",
+                       label_column=label_field, split_column="split", image_column=None,
+                       image_dir=os.path.join(manual_dir, "images"))
+
+
+def fashion_products_config(manual_dir: str, *, label_field: str = "article_type",
+                            top_k: int | None = 31, min_count: int | None = None,
+                            on_bad_row: str = "error") -> FashionProductsConfig:
+  """Reads the CSV to fix the class set (from counts over the whole file) and the cache name."""
+  _check_on_bad_row(on_bad_row)
+  if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
+    raise ValueError(f"fashion_products top_k={top_k!r}: expected a positive int or None (all).")
+  if min_count is not None and (not isinstance(min_count, int) or min_count < 0):
+    raise ValueError(f"fashion_products min_count={min_count!r}: expected an int >= 0 or None.")
+  min_count = min_count or None  # 0 selects like no minimum, so it shares that cache.
+  catalog = _fashion_catalog(manual_dir, label_field)
+  counts = collections.Counter(row.label for row in catalog.rows)
+  class_names = select_classes(counts, top_k, min_count)
+  if not class_names:
+    raise ValueError(f"{catalog.csv_path}: no {label_field} class has at least {min_count} items.")
+  csv_sha256 = _file_sha256(catalog.csv_path)
+  settings = dict(label_field=label_field, top_k=top_k, min_count=min_count, on_bad_row=on_bad_row,
+                  csv_sha256=csv_sha256)
+  selection = (f"top{top_k}" if top_k is not None else "") + (
+      f"min{min_count}" if min_count is not None else "") or "all"
+  return FashionProductsConfig(
+      name=f"{label_field}-{selection}-{_settings_hash(settings)}",
+      description=f"{len(class_names)} {label_field} classes ({selection}), on_bad_row={on_bad_row}.",
+      label_field=label_field, top_k=top_k, min_count=min_count, on_bad_row=on_bad_row,
+      csv_sha256=csv_sha256, class_names=tuple(class_names))
+
+
+class FashionProducts(_ProductCsvBuilder):
+  """Myntra fashion products (products.csv + images/{id}.jpg), its fixed split, a selected class set."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _config(self) -> FashionProductsConfig:
+    return _require_config(self, FashionProductsConfig, "fashion_products_config(manual_dir, ...)")
+
+  def _read(self, manual_dir: str) -> _Catalog:
+    return _fashion_catalog(manual_dir, self._config().label_field)
+
+  def _select(self, catalog):
+    class_names = set(self._config().class_names)
+    rows_by_split = {split: [] for split in SPLITS}
+    excluded = collections.Counter()
+    for row in catalog.rows:
+      if row.label in class_names:
+        rows_by_split[row.split].append(row)
+      else:
+        excluded[row.split] += 1
+    return rows_by_split, [], dict(excluded)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ProductFolder.
+
+
+@dataclasses.dataclass(eq=False)
+class ProductFolderConfig(tfds.core.BuilderConfig):
+  csv: str = "products.csv"
+  image_dir: str = "images"
+  id_column: str = "id"
+  text_column: str = "text"
+  label_column: str = "label"
+  split_column: str | None = None
+  image_column: str | None = None
+  classes: tuple[str, ...] | None = None
+  split_seed: int = 0
+  on_bad_row: str = "error"
+  csv_sha256: str = ""
+  class_names: tuple[str, ...] = ()
+
+
+_SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.2}  # The rest, 70%, is train.
+
+
+def _stratified_split(rows: Sequence[_Row], seed: int) -> dict[str, list[_Row]]:
+  """A seeded 70/10/20 split per label; each label is shuffled by its own seed, so adding rows of one
+  label never moves another's, and every label keeps at least one train row."""
+  by_label = collections.defaultdict(list)
+  for row in rows:
+    by_label[row.label].append(row)
+  assigned = {}
+  for label, group in by_label.items():
+    rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+    order = rng.permutation(len(group))
+    num_validation = int(len(group) * _SPLIT_FRACTIONS["validation"])
+    num_test = int(len(group) * _SPLIT_FRACTIONS["test"])
+    for position, row_index in enumerate(order):
+      split = ("validation" if position < num_validation else
+               "test" if position < num_validation + num_test else "train")
+      assigned[group[row_index].line] = split
+  rows_by_split = {split: [] for split in SPLITS}
+  for row in rows:  # CSV order within each split.
+    rows_by_split[assigned[row.line]].append(dataclasses.replace(row, split=assigned[row.line]))
+  return rows_by_split
+
+
+def _product_folder_catalog(manual_dir: str, config: ProductFolderConfig) -> _Catalog:
+  return _read_catalog(
+      os.path.join(manual_dir, config.csv), id_column=config.id_column,
+      text_column=config.text_column, label_column=config.label_column,
+      split_column=config.split_column, image_column=config.image_column,
+      image_dir=os.path.join(manual_dir, config.image_dir))
+
+
+def _product_folder_split(catalog: _Catalog, config: ProductFolderConfig) -> dict[str, list[_Row]]:
+  if config.split_column:
+    rows_by_split = {split: [] for split in SPLITS}
+    for row in catalog.rows:
+      rows_by_split[row.split].append(row)
+    return rows_by_split
+  return _stratified_split(catalog.rows, config.split_seed)
+
+
+def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_dir: str = "images",
+                          id_column: str = "id", text_column: str = "text",
+                          label_column: str = "label", split_column: str | None = None,
+                          image_column: str | None = None, classes: Sequence[str] | None = None,
+                          split_seed: int = 0, on_bad_row: str = "error") -> ProductFolderConfig:
+  """Reads the CSV to fix the class set (explicit, or the sorted train labels) and the cache name."""
+  _check_on_bad_row(on_bad_row)
+  if classes is not None:
+    classes = tuple(str(name).strip() for name in classes)
+    duplicates = sorted(name for name, n in collections.Counter(classes).items() if n > 1)
+    if duplicates or not classes or not all(classes):
+      raise ValueError(f"product_folder classes={list(classes)!r}: need distinct, non-empty names "
+                       f"(duplicated: {duplicates}).")
+  config = ProductFolderConfig(
+      name="unnamed", csv=csv, image_dir=image_dir, id_column=id_column, text_column=text_column,
+      label_column=label_column, split_column=split_column or None, image_column=image_column or None,
+      classes=classes, split_seed=split_seed, on_bad_row=on_bad_row)
+  catalog = _product_folder_catalog(manual_dir, config)
+  if classes is not None:
+    class_names = classes
+  else:
+    class_names = tuple(sorted({row.label for row in _product_folder_split(catalog, config)["train"]}))
+    if not class_names:
+      raise ValueError(f"{catalog.csv_path}: no usable train rows, so no class set; fix the CSV or "
+                       "pass an explicit classes list.")
+  csv_sha256 = _file_sha256(catalog.csv_path)
+  # The CSV is identified by its content, not by where it lives, so a moved folder keeps its cache.
+  settings = dict(image_dir=config.image_dir, id_column=id_column, text_column=text_column,
+                  label_column=label_column, split_column=config.split_column,
+                  image_column=config.image_column, classes=classes, split_seed=split_seed,
+                  on_bad_row=on_bad_row, csv_sha256=csv_sha256)
+  return dataclasses.replace(
+      config, name=f"{len(class_names)}classes-{_settings_hash(settings)}",
+      description=f"{len(class_names)} classes from {csv}, on_bad_row={on_bad_row}.",
+      csv_sha256=csv_sha256, class_names=class_names)
+
+
+class ProductFolder(_ProductCsvBuilder):
+  """A folder of product images plus a CSV, in the layout of TAIMD-17k style catalogues.
+
+  The CSV (UTF-8, with a header row) has one row per product with these columns (names configurable):
+  - `id`: unique product id; by default also the image name, `{image_dir}/{id}.jpg`;
+  - `text`: the product title or description (non-empty);
+  - `label`: the class name;
+  - optional split column: `train` / `validation` / `test` per row; without one, a seeded stratified
+    70/10/20 split per label (`split_seed`);
+  - optional image column: the image path relative to `image_dir` (or absolute), replacing `{id}.jpg`.
+  The class set is the explicit `classes` list, or the sorted labels of the train split; a row whose
+  label is outside it is a bad row. Images may be any format PIL reads; non-RGB JPEG/PNG or other
+  formats are stored as RGB PNG.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  def _config(self) -> ProductFolderConfig:
+    return _require_config(self, ProductFolderConfig, "product_folder_config(manual_dir, ...)")
+
+  def _read(self, manual_dir: str) -> _Catalog:
+    return _product_folder_catalog(manual_dir, self._config())
+
+  def _select(self, catalog):
+    config = self._config()
+    class_names = set(config.class_names)
+    rows_by_split = _product_folder_split(catalog, config)
+    bad_rows = []
+    for split, rows in rows_by_split.items():
+      kept = []
+      for row in rows:
+        if row.label in class_names:
+          kept.append(row)
+        elif config.classes is not None:
+          bad_rows.append(BadRow(split, row.line, row.id, catalog.csv_path,
+                                 f"label {row.label!r} is not in the configured classes"))
+        else:
+          bad_rows.append(BadRow(split, row.line, row.id, catalog.csv_path,
+                                 f"label {row.label!r} does not occur in the train split"))
+      rows_by_split[split] = kept
+    return rows_by_split, bad_rows, {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points.
+
+_TOYSHOP_FIELDS = tuple(field.name for field in dataclasses.fields(toyshop.ToyshopSpec))
+
+
+def _toyshop_spec(data_config: ml_collections.ConfigDict) -> toyshop.ToyshopSpec:
+  overrides = data_config.get("toyshop") or {}
+  if hasattr(overrides, "to_dict"):
+    overrides = overrides.to_dict()
+  unknown = sorted(set(overrides) - set(_TOYSHOP_FIELDS))
+  if unknown:
+    raise ValueError(f"data.toyshop has unknown key(s) {', '.join(unknown)}; the spec fields are "
+                     f"{', '.join(_TOYSHOP_FIELDS)}.")
+  return toyshop.ToyshopSpec(**overrides)
+
+
+def _manual_dir(data_config: ml_collections.ConfigDict, what: str) -> str:
+  manual_dir = data_config.get("manual_dir")
+  if not manual_dir or not os.path.isdir(manual_dir):
+    raise ValueError(f"data.manual_dir={manual_dir!r} is not a folder; set --config.data.manual_dir "
+                     f"to the folder holding {what}.")
+  return os.path.abspath(os.path.expanduser(manual_dir))
+
+
+def builder_for(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The builder and its config for `data_config`, not yet prepared (see `prepare`)."""
+  name = data_config.get("name")
+  data_dir = data_config.get("data_dir")
+  on_bad_row = _check_on_bad_row(data_config.get("on_bad_row") or "error")
+  if name == "toyshop":
+    return Toyshop(config=toyshop_config(_toyshop_spec(data_config)), data_dir=data_dir,
+                   file_format="array_record")
+  if name == "fashion_products":
+    config = fashion_products_config(
+        _manual_dir(data_config, "products.csv and images/"),
+        label_field=data_config.get("label_field") or "article_type",
+        top_k=data_config.get("top_k", 31), min_count=data_config.get("min_count"),
+        on_bad_row=on_bad_row)
+    return FashionProducts(config=config, data_dir=data_dir, file_format="array_record")
+  if name == "product_folder":
+    classes = data_config.get("classes")
+    config = product_folder_config(
+        _manual_dir(data_config, "the product CSV and images"),
+        csv=data_config.get("csv") or "products.csv",
+        image_dir=data_config.get("image_dir") or "images",
+        id_column=data_config.get("id_column") or "id",
+        text_column=data_config.get("text_column") or "text",
+        label_column=data_config.get("label_column") or "label",
+        split_column=data_config.get("split_column"), image_column=data_config.get("image_column"),
+        classes=None if classes is None else tuple(classes),
+        split_seed=data_config.get("split_seed") or 0, on_bad_row=on_bad_row)
+    return ProductFolder(config=config, data_dir=data_dir, file_format="array_record")
+  raise ValueError(f"data.name={name!r}; expected one of toyshop, fashion_products, product_folder.")
+
+
+def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Builds the dataset once (array_record) and returns its builder, ready for `as_data_source`."""
+  builder = builder_for(data_config)
+  manual_dir = data_config.get("manual_dir") if data_config.get("name") != "toyshop" else None
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None,
+          try_download_gcs=False))
+  return builder
+
+
+def class_reliance(builder: tfds.core.DatasetBuilder) -> list[dict] | None:
+  """Per-class designed reliance (name, reliance, text_share) of toyshop data; None for real data."""
+  metadata = builder.info.metadata
+  if not metadata or "class_reliance" not in metadata:
+    return None
+  return [dict(entry) for entry in metadata["class_reliance"]]
