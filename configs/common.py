@@ -17,7 +17,7 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
     data.toyshop = ml_collections.ConfigDict(dict(
         num_text_classes=4, num_image_classes=4, num_kinds=2, num_variants=2,
         train_per_class=100, validation_per_class=30, test_per_class=50, image_size=32, seed=0))
-    data.image_size = 32
+    data.image_size = 32  # What the pipeline resizes to; toyshop.image_size is what is generated.
   elif variant == "fashion":
     data.name = "fashion_products"
     data.manual_dir = "../shared/data/fashion-products"

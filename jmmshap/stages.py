@@ -1,4 +1,7 @@
-"""The pipeline's stages and how `train.py` dispatches to them by `config.stage`."""
+"""The pipeline's stages and how `train.py` dispatches to them by `config.stage`.
+
+A classifier stage is a model builder plus the batch fields the model reads; `train_lib` does the rest.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +10,100 @@ from absl import logging
 from flax import nnx
 
 from jmmshap import train_lib
+from jmmshap.models import bert, clip_vision, hf, mmbt, resnet
 from jmmshap.tokenizer import TitleTokenizer
+
+
+def _rngs(config: ml_collections.ConfigDict) -> nnx.Rngs:
+  return nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+
+
+def build_bert(model_config: ml_collections.ConfigDict, tokenizer: TitleTokenizer,
+               max_positions: int, rngs: nnx.Rngs) -> bert.BertModel:
+  bert_config = bert.BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
+                                pad_token_id=tokenizer.pad_id, **model_config.to_dict())
+  logging.info("BERT: %s", bert_config)
+  return bert.BertModel(bert_config, rngs=rngs)
+
+
+def pretrained_bert(path: str, rngs: nnx.Rngs) -> bert.BertModel:
+  model, _ = bert.from_pretrained(path, hf.read_config(path), rngs=rngs)
+  return model.bert if isinstance(model, bert.BertForSequenceClassification) else model
+
+
+def resnet_config(model_config: ml_collections.ConfigDict) -> resnet.ResNetConfig:
+  """ResNet of `depth` whose stage widths are `width` x (1, 2, 4, 8) (x4 for bottleneck blocks)."""
+  layer_type, _ = resnet.DEPTH_PRESETS.get(model_config.depth, ("basic", None))
+  expansion = 4 if layer_type == "bottleneck" else 1
+  return resnet.ResNetConfig(
+      depth=model_config.depth, embedding_size=model_config.width, small_stem=model_config.small_stem,
+      hidden_sizes=tuple(model_config.width * expansion * m for m in (1, 2, 4, 8)))
 
 
 def build_text_model(config: ml_collections.ConfigDict, num_classes: int,
                      tokenizer: TitleTokenizer | None) -> nnx.Module:
   """BERT for sequence classification: from `init_from` (a HF BERT folder) or from scratch."""
-  from jmmshap.models import bert  # pylint: disable=g-import-not-at-top
-  rngs = nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+  rngs = _rngs(config)
   if config.get("init_from"):
-    model, _ = bert.from_pretrained(config.init_from, bert.hf.read_config(config.init_from),
+    model, _ = bert.from_pretrained(config.init_from, hf.read_config(config.init_from),
                                     num_labels=num_classes, rngs=rngs)
     return model
-  bert_config = bert.BertConfig(vocab_size=tokenizer.vocab_size,
-                                max_position_embeddings=config.data.max_length,
-                                pad_token_id=tokenizer.pad_id, **config.model.to_dict())
-  logging.info("text model: %s", bert_config)
-  return bert.BertForSequenceClassification(bert_config, num_labels=num_classes, rngs=rngs)
+  text = build_bert(config.model, tokenizer, config.data.max_length, rngs)
+  return bert.BertForSequenceClassification(text.config, num_labels=num_classes, rngs=_rngs(config))
+
+
+def build_image_model(config: ml_collections.ConfigDict, num_classes: int,
+                      tokenizer: TitleTokenizer | None) -> nnx.Module:
+  """A ResNet classifier: from `init_from` (HF folder or torchvision file) or from scratch."""
+  del tokenizer
+  rngs = _rngs(config)
+  if config.get("init_from"):
+    from jmmshap import models  # pylint: disable=g-import-not-at-top
+    model, _ = models.from_pretrained(config.init_from, num_labels=num_classes, rngs=rngs)
+    return model
+  model_config = resnet_config(config.model)
+  logging.info("ResNet: %s", model_config)
+  return resnet.ResNet(model_config, num_labels=num_classes, rngs=rngs)
+
+
+def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,
+                     tokenizer: TitleTokenizer | None) -> nnx.Module:
+  """CLIP-MMBT (or ResNet-MMBT); each tower from its checkpoint folder or from scratch."""
+  rngs = _rngs(config)
+  model_config = config.model
+  image_size = config.data.image_size
+  if model_config.image_tower == "clip":
+    if config.get("init_from_image"):
+      vision, _ = clip_vision.from_pretrained(config.init_from_image, image_size=image_size)
+    else:
+      vision = clip_vision.CLIPVisionModel(
+          clip_vision.CLIPVisionConfig(image_size=image_size, **model_config.clip.to_dict()), rngs=rngs)
+  elif model_config.image_tower == "resnet":
+    vision = resnet.ResNet(resnet_config(model_config.resnet), rngs=rngs)
+  else:
+    raise ValueError(f"model.image_tower={model_config.image_tower!r}: use 'clip' or 'resnet'")
+  max_positions = max(config.data.max_length, model_config.num_image_embeddings + 2)
+  text = (pretrained_bert(config.init_from_text, rngs) if config.get("init_from_text")
+          else build_bert(model_config.bert, tokenizer, max_positions, rngs))
+  mmbt_config = mmbt.MMBTConfig(
+      num_image_embeddings=model_config.num_image_embeddings, cls_token_id=tokenizer.cls_id,
+      sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id,
+      text_masking=model_config.text_masking, image_masking=model_config.image_masking,
+      classifier_dropout=model_config.classifier_dropout)
+  return mmbt.MMBT(mmbt_config, text, vision, num_classes, rngs=rngs)
 
 
 TEXT = train_lib.ClassifierStage(
     name="text", inputs=("input_ids", "attention_mask", "token_type_ids"),
     build_model=build_text_model, uses_text=True, uses_image=False)
+IMAGE = train_lib.ClassifierStage(
+    name="image", inputs=("pixel_values",), build_model=build_image_model,
+    uses_text=False, uses_image=True)
+MMBT = train_lib.ClassifierStage(
+    name="mmbt", inputs=("input_ids", "attention_mask", "token_type_ids", "pixel_values"),
+    build_model=build_mmbt_model, uses_text=True, uses_image=True)
 
-CLASSIFIERS = {stage.name: stage for stage in (TEXT,)}
+CLASSIFIERS = {stage.name: stage for stage in (TEXT, IMAGE, MMBT)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

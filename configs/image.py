@@ -1,0 +1,27 @@
+r"""Image learner: a ResNet classifier on the product photo.
+
+Variants: toyshop (default; a narrow ResNet-18 with a small-image stem, seconds on a CPU), fashion,
+taimd17k. Depth 18/34/50/101/152 is `--config.model.depth`; `--config.model.width=64` gives the
+standard widths (ResNet-152: `--config.model.depth=152 --config.model.width=64`), and
+`--config.init_from=DIR` starts from a HF ResNet folder or a torchvision state-dict file.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
+  config = common.base_config("image", arg)
+  config.init_from = ml_collections.config_dict.placeholder(str)
+  config.model = ml_collections.ConfigDict(dict(depth=18, width=16, small_stem=True))
+  if arg == "fashion":
+    config.model.width = 32
+  elif arg == "taimd17k":
+    config.model.update(depth=50, width=64, small_stem=False)
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=2e-3, weight_decay=0.05, warmup_fraction=0.05, schedule="cosine",
+      grad_clip_norm=1.0))
+  config.batch_size = 64
+  config.num_epochs = 10 if arg == "toyshop" else 8
+  return config

@@ -1,0 +1,54 @@
+r"""CLIP-MMBT: a CLIP vision tower pooled into N image embeddings inside BERT's token sequence.
+
+Variants: toyshop (default; tiny towers trained from scratch), fashion, taimd17k. Append ",paper" for
+the paper's setting (BERT-base and CLIP ViT-B/32 sizes, 4 image embeddings, text length 120, images
+288 px), e.g. `--config=configs/mmbt.py:taimd17k,paper`. Towers start from checkpoints with
+`--config.init_from_text=DIR` (HF BERT folder) and `--config.init_from_image=DIR` (HF CLIP folder);
+`--config.model.image_tower=resnet` swaps CLIP for a ResNet, as in the original MMBT.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
+  variant, *options = arg.split(",")
+  unknown = set(options) - {"paper"}
+  if unknown:
+    raise ValueError(f"configs/mmbt.py: unknown options {sorted(unknown)}; the only one is 'paper'")
+  paper = "paper" in options
+  config = common.base_config("mmbt", variant)
+  config.data.max_length = 16 if variant == "toyshop" else 32
+  config.data.vocab_size = 1000 if variant == "toyshop" else 8000
+  config.data.tokenizer = ml_collections.config_dict.placeholder(str)
+  config.data.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation.
+  config.data.image_std = (0.26862954, 0.26130258, 0.27577711)
+  config.init_from_text = ml_collections.config_dict.placeholder(str)
+  config.init_from_image = ml_collections.config_dict.placeholder(str)
+
+  config.model = ml_collections.ConfigDict(dict(
+      num_image_embeddings=4, image_tower="clip", text_masking="mask_token", image_masking="zero",
+      classifier_dropout=0.1,
+      bert=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+      clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                patch_size=8),
+      resnet=dict(depth=18, width=16, small_stem=True)))
+  if variant != "toyshop":
+    config.model.bert.update(hidden_size=256, num_hidden_layers=4, intermediate_size=1024)
+    config.model.clip.update(hidden_size=256, num_hidden_layers=4, intermediate_size=1024)
+  if paper:
+    config.data.max_length = 120
+    config.data.image_size = 288
+    config.model.bert.update(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072)
+    config.model.clip.update(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072, patch_size=32)
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=1e-3 if variant == "toyshop" else 1e-4, weight_decay=0.01,
+      warmup_fraction=0.1, schedule="cosine", grad_clip_norm=1.0))
+  config.batch_size = 64
+  config.num_epochs = 10 if variant == "toyshop" else 5
+  return config
