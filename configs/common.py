@@ -52,7 +52,11 @@ def base_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   config.num_epochs = 1
   config.total_steps = 0  # > 0 overrides num_epochs.
   config.log_every_steps = 20
-  config.eval_every_steps = 0  # 0: at the end of every epoch.
-  config.checkpoint_every_steps = 0  # 0: at the end of every epoch.
+  # Validation (and the best checkpoint) and resumable checkpoints, every so many epochs; the
+  # *_steps settings, when > 0, count in steps instead. Both also happen after the last step.
+  config.eval_every_epochs = 1
+  config.eval_every_steps = 0
+  config.checkpoint_every_epochs = 1
+  config.checkpoint_every_steps = 0
   config.keep_checkpoints = 2
   return config

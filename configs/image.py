@@ -14,7 +14,7 @@ from configs import common
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config = common.base_config("image", arg)
   config.init_from = ml_collections.config_dict.placeholder(str)
-  config.model = ml_collections.ConfigDict(dict(depth=18, width=16, small_stem=True))
+  config.model = ml_collections.ConfigDict(dict(depth=18, width=8, small_stem=True))
   if arg == "fashion":
     config.model.width = 32
   elif arg == "taimd17k":
@@ -23,5 +23,7 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
       name="adamw", learning_rate=2e-3, weight_decay=0.05, warmup_fraction=0.05, schedule="cosine",
       grad_clip_norm=1.0))
   config.batch_size = 64
-  config.num_epochs = 10 if arg == "toyshop" else 8
+  config.num_epochs = 8
+  if arg == "toyshop":
+    config.eval_every_epochs = config.checkpoint_every_epochs = 4
   return config

@@ -47,8 +47,10 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
                              intermediate_size=3072, patch_size=32)
 
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=1e-3 if variant == "toyshop" else 1e-4, weight_decay=0.01,
+      name="adamw", learning_rate=3e-3 if variant == "toyshop" else 1e-4, weight_decay=0.01,
       warmup_fraction=0.1, schedule="cosine", grad_clip_norm=1.0))
   config.batch_size = 64
-  config.num_epochs = 10 if variant == "toyshop" else 5
+  config.num_epochs = 20 if variant == "toyshop" else 5
+  if variant == "toyshop":
+    config.eval_every_epochs = config.checkpoint_every_epochs = 5
   return config

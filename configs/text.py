@@ -30,4 +30,6 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
       warmup_fraction=0.1, schedule="cosine", grad_clip_norm=1.0))
   config.batch_size = 64
   config.num_epochs = 8 if arg == "toyshop" else 5
+  if arg == "toyshop":
+    config.eval_every_epochs = config.checkpoint_every_epochs = 4
   return config

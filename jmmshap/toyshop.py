@@ -14,18 +14,17 @@ group fixes which modality carries the class identity.
   vocabulary ("gift", "keepsake", "trinket", ...) shared by all image-decided classes, so it says nothing
   about which design it is. Only the image separates these classes.
 - **Both** classes (`reliance='both'`, `text_share=0.5`): classes are kinds x variants, e.g.
-  `mug/striped`, `mug/checked`, `cap/striped`, `cap/checked`. The title names the kind (shared by all
-  variants of that kind); the image shows a random shape in a random hue filled with the variant's
-  texture (shared by all kinds). Each modality halves the candidates symmetrically (with the defaults,
+  `mug/orange`, `mug/teal`, `cap/orange`, `cap/teal`. The title names the kind (shared by all
+  variants of that kind); the image shows a random shape in the variant's colour (shared by all kinds;
+  the variant colours are disjoint from the designs' colours). Each modality halves the candidates symmetrically (with the defaults,
   2 kinds x 2 variants): neither alone decides, both together do, and neither is more informative.
 
 Every image has the same background distribution (a desaturated gradient plus pixel noise) and every
-object a random position, size and rotation, so a model must learn shape, colour and texture rather than
-pixel positions.
+object a random position, size and rotation, so a model must learn shape and colour rather than pixel positions.
 
 The designed shares are the ideal for the *within-group* decision. Which group an example belongs to is
-visible in both modalities (kind words vs generic nouns in the title; grey vs saturated solid vs
-textured objects in the image): the brief requires group-shared vocabularies and image distributions,
+visible in both modalities (kind words vs generic nouns in the title; grey objects vs design colours
+vs variant colours in the image): the brief requires group-shared vocabularies and image distributions,
 and no design can hide the group from both modalities while keeping each group decidable. Measured
 MM-SHAP shares are therefore expected to be pulled somewhat towards 0.5 for the text and image groups;
 what must be recovered is the ordering text > both > image and the symmetry of the 'both' group.
@@ -46,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 # Part of the prepared-data cache key: bump whenever generation changes what an example looks like.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}
@@ -61,7 +60,14 @@ _COLOURS = {
     "yellow": (0.95, 0.85, 0.10),
     "purple": (0.60, 0.20, 0.80),
 }
-_VARIANTS = ("striped", "checked", "dotted", "two-tone")
+# Variant colours of the 'both' group, disjoint from the designs' colours so they never collide.
+_VARIANT_COLOURS = {
+    "orange": (0.95, 0.55, 0.10),
+    "teal": (0.10, 0.65, 0.65),
+    "pink": (0.95, 0.45, 0.75),
+    "lime": (0.60, 0.95, 0.20),
+}
+_VARIANTS = tuple(_VARIANT_COLOURS)
 
 # Kinds named by title-decided classes, each with synonyms so the text model learns the kind, not a string.
 _TEXT_KINDS = {
@@ -203,7 +209,7 @@ class _ClassRecipe:
   nouns: tuple[str, ...]        # Title nouns to draw from.
   shape: str | None = None      # Image-decided: the class's shape ...
   colour: str | None = None     # ... and colour.
-  variant: str | None = None    # Both: the texture.
+  variant: str | None = None    # Both: the variant's colour.
 
 
 def _recipes(spec: ToyshopSpec) -> list[_ClassRecipe]:
@@ -273,29 +279,6 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
   raise ValueError(f"unknown shape {shape!r}")
 
 
-def _texture(variant: str, u_px: np.ndarray, v_px: np.ndarray, scale: float) -> np.ndarray:
-  """Which pixels of the object take the second colour; periods in pixels, scaled with image size."""
-  if variant == "striped":
-    return np.floor(u_px / (2.5 * scale)) % 2 == 0
-  if variant == "checked":
-    return (np.floor(u_px / (3.0 * scale)) + np.floor(v_px / (3.0 * scale))) % 2 == 0
-  if variant == "dotted":
-    period = 5.0 * scale
-    du = u_px - period * np.round(u_px / period)
-    dv = v_px - period * np.round(v_px / period)
-    return np.hypot(du, dv) <= 1.3 * scale
-  if variant == "two-tone":
-    return u_px >= 0.0
-  raise ValueError(f"unknown variant {variant!r}")
-
-
-def _hue_colour(hue: float) -> np.ndarray:
-  """A fully saturated colour of the given hue in [0, 1)."""
-  channel_offsets = np.array([0.0, 2.0 / 3.0, 1.0 / 3.0])
-  distance = np.abs(((hue + channel_offsets) % 1.0) - 0.5)  # 0.5 at the channel's own hue.
-  return np.clip(6.0 * distance - 1.0, 0.0, 1.0) * 0.85 + 0.1
-
-
 @functools.lru_cache(maxsize=None)
 def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
   """Pixel-centre coordinates in [-1, 1], (y, x), computed once per image size."""
@@ -330,13 +313,8 @@ def _image(draws: _Draws, noise: np.ndarray, recipe: _ClassRecipe, size: int) ->
 
   if recipe.colour is not None:  # Image-decided: the class's design, solid.
     image[_shape_mask(recipe.shape, u, v)] = np.array(_COLOURS[recipe.colour]) + jitter
-  elif recipe.variant is not None:  # Both: random shape and hue, the variant's texture.
-    mask = _shape_mask(random_shape, u, v)
-    light = _hue_colour(draws.uniform())
-    half_size_px = np.float32(radius * size / 2.0)
-    second = _texture(recipe.variant, u * half_size_px, v * half_size_px, scale=size / 32.0)
-    image[mask & ~second] = light
-    image[mask & second] = light * 0.35
+  elif recipe.variant is not None:  # Both: a random shape in the variant's colour.
+    image[_shape_mask(random_shape, u, v)] = np.array(_VARIANT_COLOURS[recipe.variant]) + jitter
   else:  # Title-decided: one shared distribution, a grey-ish object contrasting with the background.
     grey = ((grey_a + grey_b) / 2.0 + draws.uniform(0.3, 0.7)) % 1.0
     image[_shape_mask(random_shape, u, v)] = grey + jitter

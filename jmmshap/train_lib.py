@@ -324,8 +324,9 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
   parallel.check_batch_size(config.batch_size)
   per_epoch = input_pipeline.steps_per_epoch(len(sources["train"]), config.batch_size)
   total_steps = config.get("total_steps") or config.num_epochs * per_epoch
-  eval_every = config.get("eval_every_steps") or per_epoch
-  checkpoint_every = config.get("checkpoint_every_steps") or per_epoch
+  eval_every = config.get("eval_every_steps") or per_epoch * config.get("eval_every_epochs", 1)
+  checkpoint_every = (config.get("checkpoint_every_steps")
+                      or per_epoch * config.get("checkpoint_every_epochs", 1))
   log_every = max(1, min(config.get("log_every_steps", 50), total_steps))
   optimizer, schedule = make_optimizer(config.optimizer, total_steps)
 

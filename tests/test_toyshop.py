@@ -58,7 +58,7 @@ def test_class_layout_and_reliance_metadata():
       [("text", 1.0)] * 4 + [("image", 0.0)] * 4 + [("both", 0.5)] * 4)
   names = [c.name for c in infos]
   assert len(set(names)) == 12
-  assert names[8:] == ["mug/striped", "mug/checked", "cap/striped", "cap/checked"]
+  assert names[8:] == ["mug/orange", "mug/teal", "cap/orange", "cap/teal"]
   assert all(name.startswith("design/") for name in names[4:8])
   most_designs = toyshop.ToyshopSpec(num_text_classes=2, num_image_classes=25)
   assert len({c.name for c in toyshop.classes(most_designs)}) == 31
