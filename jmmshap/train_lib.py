@@ -12,6 +12,7 @@ Stage directory layout (`{workdir}/{stage}/`):
   best/               params + model state with the best validation macro F1 (eval, later stages)
   tokenizer.json      the title tokenizer the stage was trained with
   config.json         the config of the run
+  class_names.json    label index -> class name
   log.jsonl           one JSON record per log interval and per evaluation
   loss.png, accuracy.png   training curves
   metrics.json        {"validation": {...}, "test": {...}} of the best checkpoint
@@ -43,6 +44,7 @@ from jmmshap.tokenizer import TOKENIZER_FILE, TitleTokenizer
 
 SPLITS = ("train", "validation", "test")
 EVAL_SPLITS = ("validation", "test")
+CLASS_NAMES_FILE = "class_names.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,14 @@ def _iterate(source: input_pipeline.RecordSource, batch_size: int) -> Iterator[d
     yield from input_pipeline.read_records(source, range(start, min(start + batch_size, len(source))))
 
 
+def make_preprocessor(config: ml_collections.ConfigDict, stage: ClassifierStage,
+                      tokenizer: TitleTokenizer | None) -> input_pipeline.Preprocessor:
+  return input_pipeline.Preprocessor(
+      tokenizer, config.data.image_size if stage.uses_image else None,
+      config.data.get("image_mean", input_pipeline.IMAGENET_MEAN),
+      config.data.get("image_std", input_pipeline.IMAGENET_STD))
+
+
 class Logger:
   """log.jsonl records (process 0 only), kept in memory too for the curves."""
 
@@ -242,6 +252,41 @@ def restore_best(directory: str, abstract_model: dict) -> tuple[dict, dict]:
   return restored["model"], restored["metrics"]
 
 
+@dataclasses.dataclass
+class TrainedStage:
+  """A finished classifier stage, restored for later stages (MM-SHAP, the meta-model)."""
+  model: nnx.Module  # In eval mode, with the best checkpoint's weights.
+  config: ml_collections.ConfigDict
+  tokenizer: TitleTokenizer | None
+  class_names: list[str]
+  preprocess: input_pipeline.Preprocessor
+
+
+def load_trained(workdir: str, stage: ClassifierStage) -> TrainedStage:
+  """Rebuilds a stage's model from its saved config and restores its best checkpoint."""
+  directory = stage_dir(workdir, stage.name)
+  paths = [os.path.join(directory, name) for name in ("config.json", CLASS_NAMES_FILE)]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} not found: train the {stage.name} stage into {workdir} first "
+                              f"(python train.py --config=configs/{stage.name}.py --workdir={workdir}).")
+  with open(paths[0]) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(paths[1]) as f:
+    class_names = json.load(f)
+  tokenizer = (TitleTokenizer.from_folder(directory, max_length=config.data.max_length)
+               if stage.uses_text else None)
+  model = stage.build_model(config, len(class_names), tokenizer)
+  model.eval()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  abstract = _abstract({"params": nnx.as_pure(params), "model_state": nnx.as_pure(model_state)},
+                       parallel.replicated(parallel.make_mesh()))
+  best, _ = restore_best(directory, abstract)
+  preprocess = make_preprocessor(config, stage, tokenizer)
+  return TrainedStage(nnx.merge(graphdef, best["params"], best["model_state"]), config, tokenizer,
+                      class_names, preprocess)
+
+
 def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -278,11 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   num_classes = len(class_names)
   tokenizer = (load_or_train_tokenizer(config, directory, sources["train"])
                if stage.uses_text else None)
-  preprocess = input_pipeline.Preprocessor(
-      tokenizer, config.data.image_size if stage.uses_image else None,
-      config.data.get("image_mean", input_pipeline.IMAGENET_MEAN),
-      config.data.get("image_std", input_pipeline.IMAGENET_STD))
+  preprocess = make_preprocessor(config, stage, tokenizer)
 
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, CLASS_NAMES_FILE), "w") as f:
+      json.dump(class_names, f)
   model = stage.build_model(config, num_classes, tokenizer)
   model.train()
   train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
