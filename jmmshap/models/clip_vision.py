@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jmmshap.models import hf
+from jmmshap.models import hf, initializers
 
 _OIHW_TO_HWIO = (2, 3, 1, 0)
 _OUT_IN_TO_IN_OUT = (1, 0)
@@ -197,6 +197,7 @@ class CLIPVisionModel(nnx.Module):
     width, patch = config.hidden_size, config.patch_size
     self.patch_embedding = nnx.Conv(config.num_channels, width, (patch, patch),
                                     strides=(patch, patch), padding="VALID", use_bias=False,
+                                    kernel_init=initializers.conv_kernel(1.0, "fan_in"),
                                     **layer_kwargs)
     # HF's init scales; checkpoints overwrite them.
     self.class_embedding = nnx.Param(

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jmmshap.models import hf
+from jmmshap.models import hf, initializers
 
 # depth -> (block type, blocks per stage), as in torchvision and microsoft/resnet-*.
 DEPTH_PRESETS = {
@@ -41,7 +41,7 @@ _BATCH_NORM_EPSILON = 1e-5  # torch.nn.BatchNorm2d's default, used by every chec
 _BATCH_NORM_MOMENTUM = 0.9  # flax's decay of the running averages == torch's momentum 0.1.
 
 # He initialisation over the output fan, as torchvision and HF do for ResNet convolutions.
-_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+_CONV_INIT = initializers.conv_kernel(2.0, "fan_out")  # torchvision's kaiming_normal_(fan_out).
 
 # torch layout -> flax layout: conv OIHW -> HWIO, linear (out, in) -> (in, out).
 _OIHW_TO_HWIO = (2, 3, 1, 0)
