@@ -46,6 +46,7 @@ def base_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   config.variant = variant
   config.mode = "train"  # "eval": restore the best checkpoint and evaluate, no training.
   config.seed = 0
+  config.dtype = "float32"  # Compute dtype; "bfloat16" for mixed precision (params stay float32).
   config.data = data_config(variant)
   config.batch_size = 64
   config.eval_batch_size = 256

@@ -5,6 +5,9 @@ A classifier stage is a model builder plus the batch fields the model reads; `tr
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from flax import nnx
@@ -18,16 +21,21 @@ def _rngs(config: ml_collections.ConfigDict) -> nnx.Rngs:
   return nnx.Rngs(params=config.seed, dropout=config.seed + 1)
 
 
+def _dtypes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compute dtype from `config.dtype` ("bfloat16" for mixed precision); params stay float32."""
+  return {"dtype": jnp.dtype(config.get("dtype", "float32")), "param_dtype": jnp.float32}
+
+
 def build_bert(model_config: ml_collections.ConfigDict, tokenizer: TitleTokenizer,
-               max_positions: int, rngs: nnx.Rngs) -> bert.BertModel:
+               max_positions: int, rngs: nnx.Rngs, **dtypes: Any) -> bert.BertModel:
   bert_config = bert.BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
                                 pad_token_id=tokenizer.pad_id, **model_config.to_dict())
   logging.info("BERT: %s", bert_config)
-  return bert.BertModel(bert_config, rngs=rngs)
+  return bert.BertModel(bert_config, rngs=rngs, **dtypes)
 
 
-def pretrained_bert(path: str, rngs: nnx.Rngs) -> bert.BertModel:
-  model, _ = bert.from_pretrained(path, hf.read_config(path), rngs=rngs)
+def pretrained_bert(path: str, rngs: nnx.Rngs, **dtypes: Any) -> bert.BertModel:
+  model, _ = bert.from_pretrained(path, hf.read_config(path), rngs=rngs, **dtypes)
   return model.bert if isinstance(model, bert.BertForSequenceClassification) else model
 
 
@@ -43,54 +51,58 @@ def resnet_config(model_config: ml_collections.ConfigDict) -> resnet.ResNetConfi
 def build_text_model(config: ml_collections.ConfigDict, num_classes: int,
                      tokenizer: TitleTokenizer | None) -> nnx.Module:
   """BERT for sequence classification: from `init_from` (a HF BERT folder) or from scratch."""
-  rngs = _rngs(config)
+  rngs, dtypes = _rngs(config), _dtypes(config)
   if config.get("init_from"):
     model, _ = bert.from_pretrained(config.init_from, hf.read_config(config.init_from),
-                                    num_labels=num_classes, rngs=rngs)
+                                    num_labels=num_classes, rngs=rngs, **dtypes)
     return model
-  text = build_bert(config.model, tokenizer, config.data.max_length, rngs)
-  return bert.BertForSequenceClassification(text.config, num_labels=num_classes, rngs=_rngs(config))
+  bert_config = bert.BertConfig(vocab_size=tokenizer.vocab_size,
+                                max_position_embeddings=config.data.max_length,
+                                pad_token_id=tokenizer.pad_id, **config.model.to_dict())
+  logging.info("BERT: %s", bert_config)
+  return bert.BertForSequenceClassification(bert_config, num_labels=num_classes, rngs=rngs, **dtypes)
 
 
 def build_image_model(config: ml_collections.ConfigDict, num_classes: int,
                       tokenizer: TitleTokenizer | None) -> nnx.Module:
   """A ResNet classifier: from `init_from` (HF folder or torchvision file) or from scratch."""
   del tokenizer
-  rngs = _rngs(config)
+  rngs, dtypes = _rngs(config), _dtypes(config)
   if config.get("init_from"):
     from jmmshap import models  # pylint: disable=g-import-not-at-top
-    model, _ = models.from_pretrained(config.init_from, num_labels=num_classes, rngs=rngs)
+    model, _ = models.from_pretrained(config.init_from, num_labels=num_classes, rngs=rngs, **dtypes)
     return model
   model_config = resnet_config(config.model)
   logging.info("ResNet: %s", model_config)
-  return resnet.ResNet(model_config, num_labels=num_classes, rngs=rngs)
+  return resnet.ResNet(model_config, num_labels=num_classes, rngs=rngs, **dtypes)
 
 
 def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,
                      tokenizer: TitleTokenizer | None) -> nnx.Module:
   """CLIP-MMBT (or ResNet-MMBT); each tower from its checkpoint folder or from scratch."""
-  rngs = _rngs(config)
+  rngs, dtypes = _rngs(config), _dtypes(config)
   model_config = config.model
   image_size = config.data.image_size
   if model_config.image_tower == "clip":
     if config.get("init_from_image"):
-      vision, _ = clip_vision.from_pretrained(config.init_from_image, image_size=image_size)
+      vision, _ = clip_vision.from_pretrained(config.init_from_image, image_size=image_size, **dtypes)
     else:
       vision = clip_vision.CLIPVisionModel(
-          clip_vision.CLIPVisionConfig(image_size=image_size, **model_config.clip.to_dict()), rngs=rngs)
+          clip_vision.CLIPVisionConfig(image_size=image_size, **model_config.clip.to_dict()),
+          rngs=rngs, **dtypes)
   elif model_config.image_tower == "resnet":
-    vision = resnet.ResNet(resnet_config(model_config.resnet), rngs=rngs)
+    vision = resnet.ResNet(resnet_config(model_config.resnet), rngs=rngs, **dtypes)
   else:
     raise ValueError(f"model.image_tower={model_config.image_tower!r}: use 'clip' or 'resnet'")
   max_positions = max(config.data.max_length, model_config.num_image_embeddings + 2)
-  text = (pretrained_bert(config.init_from_text, rngs) if config.get("init_from_text")
-          else build_bert(model_config.bert, tokenizer, max_positions, rngs))
+  text = (pretrained_bert(config.init_from_text, rngs, **dtypes) if config.get("init_from_text")
+          else build_bert(model_config.bert, tokenizer, max_positions, rngs, **dtypes))
   mmbt_config = mmbt.MMBTConfig(
       num_image_embeddings=model_config.num_image_embeddings, cls_token_id=tokenizer.cls_id,
       sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id,
       text_masking=model_config.text_masking, image_masking=model_config.image_masking,
       classifier_dropout=model_config.classifier_dropout)
-  return mmbt.MMBT(mmbt_config, text, vision, num_classes, rngs=rngs)
+  return mmbt.MMBT(mmbt_config, text, vision, num_classes, rngs=rngs, **dtypes)
 
 
 TEXT = train_lib.ClassifierStage(
@@ -109,4 +121,8 @@ CLASSIFIERS = {stage.name: stage for stage in (TEXT, IMAGE, MMBT)}
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.stage in CLASSIFIERS:
     return train_lib.train_and_evaluate(config, workdir, CLASSIFIERS[config.stage])
-  raise ValueError(f"config.stage={config.stage!r}: known stages are {sorted(CLASSIFIERS)}")
+  if config.stage == "mmshap":
+    from jmmshap import mmshap  # pylint: disable=g-import-not-at-top  (mmshap imports this module)
+    return mmshap.run(config, workdir)
+  raise ValueError(f"config.stage={config.stage!r}: known stages are "
+                   f"{sorted([*CLASSIFIERS, 'mmshap'])}")
