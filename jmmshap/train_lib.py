@@ -409,6 +409,9 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
     pending.append(step_metrics)  # Stays on device until the next log interval.
     window_steps += 1
     progress.update(1)
+    if step == start_step + 1 and step != total_steps:  # Throughput excludes the compilation.
+      jax.block_until_ready(step_metrics)
+      window_start, window_steps = time.perf_counter(), 0
     if step % log_every == 0 or step == total_steps:
       values = jax.device_get(pending)
       elapsed = time.perf_counter() - window_start
@@ -416,9 +419,11 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
                 "loss": float(np.mean([v["loss"] for v in values])),
                 "accuracy": float(np.mean([v["accuracy"] for v in values])),
                 "learning_rate": float(schedule(step - 1)),
-                "examples_per_sec": window_steps * config.batch_size / max(elapsed, 1e-9)}
+                "examples_per_sec": (window_steps * config.batch_size / max(elapsed, 1e-9)
+                                     if window_steps else None)}
       logger.write(record)
-      progress.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
+      progress.set_postfix(loss=f"{record['loss']:.4f}",
+                           ex_s=f"{record['examples_per_sec'] or 0:.0f}")
       pending, window_start, window_steps = [], time.perf_counter(), 0
     if step % eval_every == 0 or step == total_steps:
       result = evaluate(eval_step, state["params"], state["model_state"], sources["validation"],
