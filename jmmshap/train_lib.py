@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -318,7 +319,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(directory, exist_ok=True)
   mesh = parallel.make_mesh()
   builder = builders.prepare(config.data)
-  sources = {split: builder.as_data_source(split) for split in SPLITS}
+  # A text-only stage never looks at the photos: leave them encoded instead of decoding every one.
+  decoders = None if stage.uses_image else {"image": tfds.decode.SkipDecoding()}
+  sources = {split: builder.as_data_source(split, decoders=decoders) for split in SPLITS}
   class_names = list(builder.info.features["label"].names)
   num_classes = len(class_names)
   tokenizer = (load_or_train_tokenizer(config, directory, sources["train"])
