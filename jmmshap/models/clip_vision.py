@@ -287,14 +287,7 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any] | None = None, *,
                                                  rngs=nnx.Rngs(0)))
   targets = _checkpoint_targets(model)
   hf.check_keys(path, set(targets), set(tensors), ignored_prefixes=_OTHER_CLIP_TENSORS)
-  for name, (variable, axes) in targets.items():
-    value = tensors[name]
-    torch_shape = variable.shape if axes is None else tuple(
-        variable.shape[axes.index(i)] for i in range(len(axes)))
-    hf.check_shape(path, name, value, torch_shape)
-    if axes is not None:
-      value = np.transpose(value, axes)
-    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+  hf.assign_tensors(path, tensors, targets)
 
   if image_size is not None and image_size != config.image_size:
     config = dataclasses.replace(config, image_size=image_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -105,3 +106,21 @@ def check_shape(path: str, name: str, value: np.ndarray, shape: tuple[int, ...])
     raise CheckpointError(
         f"{path}: tensor {name} has shape {tuple(value.shape)} but the model expects {tuple(shape)}; "
         "config.json and the weights disagree.")
+
+
+def assign_tensors(path: str, tensors: Mapping[str, np.ndarray],
+                   targets: Mapping[str, tuple[Any, tuple[int, ...] | None]]) -> None:
+  """Writes checkpoint tensors into NNX variables: `targets[name] = (variable, axes)`.
+
+  `axes` permutes the torch layout into ours (e.g. (1, 0) for a Linear weight, (2, 3, 1, 0) for a conv
+  kernel OIHW -> HWIO), None for none. Every shape is checked in the torch layout first.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  for name, (variable, axes) in targets.items():
+    value = tensors[name]
+    torch_shape = variable.shape if axes is None else tuple(
+        variable.shape[axes.index(i)] for i in range(len(axes)))
+    check_shape(path, name, value, torch_shape)
+    if axes is not None:
+      value = np.transpose(value, axes)
+    variable.set_value(jnp.asarray(value, dtype=variable.dtype))

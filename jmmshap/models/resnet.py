@@ -274,19 +274,6 @@ def _checkpoint_targets(model: ResNet, style: str, head_name: str | None
   return targets
 
 
-def _assign(path: str, tensors: Mapping[str, np.ndarray],
-            targets: Mapping[str, tuple[nnx.Variable, tuple[int, ...] | None]]) -> None:
-  """Checks every tensor's torch-layout shape, then writes it (transposed) into its variable."""
-  for name, (variable, axes) in targets.items():
-    value = tensors[name]
-    torch_shape = variable.shape if axes is None else tuple(
-        variable.shape[axes.index(i)] for i in range(len(axes)))
-    hf.check_shape(path, name, value, torch_shape)
-    if axes is not None:
-      value = np.transpose(value, axes)
-    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
-
-
 def _load(path: str, tensors: Mapping[str, np.ndarray], config: ResNetConfig, style: str,
           head_name: str, *, num_labels: int | None, dtype: Any, param_dtype: Any,
           rngs: nnx.Rngs | None) -> ResNet:
@@ -310,7 +297,7 @@ def _load(path: str, tensors: Mapping[str, np.ndarray], config: ResNetConfig, st
   targets = _checkpoint_targets(model, style, head_name if load_head else None)
   hf.check_keys(path, set(targets), set(tensors),
                 ignored_prefixes=() if load_head else (f"{head_name}.",))
-  _assign(path, tensors, targets)
+  hf.assign_tensors(path, tensors, targets)
   if num_labels and not load_head:
     model.num_labels = num_labels
     model.head = model.make_head(num_labels, rngs=rngs or nnx.Rngs(0))
