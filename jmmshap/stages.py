@@ -124,5 +124,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.stage == "mmshap":
     from jmmshap import mmshap  # pylint: disable=g-import-not-at-top  (mmshap imports this module)
     return mmshap.run(config, workdir)
+  if config.stage == "meta":
+    from jmmshap import meta  # pylint: disable=g-import-not-at-top  (meta runs the other stages)
+    return meta.run(config, workdir)
   raise ValueError(f"config.stage={config.stage!r}: known stages are "
-                   f"{sorted([*CLASSIFIERS, 'mmshap'])}")
+                   f"{sorted([*CLASSIFIERS, 'mmshap', 'meta'])}")
