@@ -1,0 +1,53 @@
+r"""MM-SHAP of the trained CLIP-MMBT: text and image shares of its predictions on validation and test.
+
+  python train.py --config=configs/mmshap.py --workdir=W             # after configs/mmbt.py into W
+  python train.py --config=configs/mmshap.py:fashion --workdir=W --config.max_examples=200
+
+Variants (toyshop, fashion, taimd17k) must name the MMBT's. The data, tokenizer and masking come from
+the MMBT saved in W/mmbt, so nothing about them is repeated here: `data.data_dir` and
+`data.manual_dir` only say where that data lives now (None: where the MMBT read it), and
+`text_masking` / `image_masking` (None: as the MMBT was trained; see jmmshap/models/mmbt.py) switch
+how a masked title token ('mask_token' or 'attention') or image embedding ('zero' or 'attention') is
+represented.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
+  common.data_config(arg)  # Rejects an unknown variant with the list of known ones.
+  placeholder = ml_collections.config_dict.placeholder
+  config = ml_collections.ConfigDict()
+  config.stage = "mmshap"
+  config.variant = arg
+  config.seed = 0  # KernelSHAP draws for example i of a split use the key (seed, i).
+  config.data = ml_collections.ConfigDict(dict(data_dir=placeholder(str),
+                                                manual_dir=placeholder(str)))
+  config.splits = ("validation", "test")
+  config.max_examples = 0  # Per split; 0: all.
+
+  # The game: the explained class ('predicted' on the full input, 'label', or a class name) and its
+  # value, the logit ('logit', as in the MM-SHAP paper) or the log-probability ('log_prob').
+  config.target = "predicted"
+  config.value = "logit"
+  # Text players: 'words', or runs of `tokens_per_player` tokens ('tokens'). Titles with more than
+  # max_text_players (0: no limit) merge their trailing words into the last text player.
+  config.text_players = "words"
+  config.tokens_per_player = 1
+  config.max_text_players = 0
+  config.text_masking = placeholder(str)
+  config.image_masking = placeholder(str)
+
+  # Exact Shapley values up to max_exact_players players (text + image), KernelSHAP above with
+  # `budget` evaluations per example (0: 2 p + 2048). method: 'auto', 'exact' (at most 24 players),
+  # 'kernel' or 'permutation'.
+  config.method = "auto"
+  config.max_exact_players = 16
+  config.budget = 0
+  # Coalition rows per forward call (bounds memory; a multiple of the device count) and examples
+  # whose coalitions are packed into the same calls.
+  config.chunk_size = 512 if arg == "toyshop" else 1024
+  config.examples_per_group = 16
+  return config

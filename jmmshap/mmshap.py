@@ -1,0 +1,741 @@
+"""MM-SHAP for CLIP-MMBT: how much of a prediction comes from the title and how much from the photo.
+
+MM-SHAP (Parcalabescu and Frank, 2023) makes the inputs of both modalities players of one cooperative
+game whose value is the model's output for the explained class, and reads each modality's share of
+the Shapley values' absolute mass:
+
+    T-SHAP = sum|phi_text| / (sum|phi_text| + sum|phi_image|),   V-SHAP = 1 - T-SHAP.
+
+When every phi is 0 (the value depends on no player) both shares are 0/0: they are NaN, and the
+summaries count such examples (`num_undefined`) instead of averaging them.
+
+Players. Image players are the MMBT's N image embeddings. Text players are words (tokens that share
+a tokenizer word id, `text_players='words'`) or runs of `tokens_per_player` tokens ('tokens');
+[CLS], [SEP] and [PAD] are never players and are always kept. A title with more words (or runs) than
+`max_text_players` loses no token: its trailing words are merged into the last text player. An
+example's players are its text players, then its image players; how a masked one is represented is
+the trained model's `MMBTConfig.text_masking` / `image_masking` (`with_masking` changes it).
+
+One compiled program for every title length. The number of players p differs per example, and any
+shape that follows p would compile once per p. Instead the player axis is padded to a fixed width P
+(text slots + N): an example's real players fill slots 0 .. p - 1 and the rest are dummies that no
+coalition ever contains. A forward call takes a fixed-size chunk of coalition rows, each an example
+slot plus a mask over the P slots, and maps players to tokens through traced per-example arrays
+(`player_of_token`, `num_text_players`). Exact examples enumerate only their own 2**p coalitions,
+packed back to back across the examples of a group, so small games share chunks; the rows are
+sharded over the `data` mesh axis and the vision tower runs once per example.
+
+Values. Each row returns the model's output for every class (logits, or log-probabilities with
+`value='log_prob'`). An example's coalitions run from the full one down to the empty one, so its
+first chunk gives the prediction on the full input and fixes the explained class (by default that
+prediction); only that class's 2**p values are kept, and reduced on the host in float64 by
+`shapley.shapley_from_values`. Above `max_exact_players` players the values are estimated by
+KernelSHAP through `shapley.shapley` with the same compiled forward (only the sampler's small mask
+programs compile per p); sampled examples run one at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from jmmshap import builders, input_pipeline, parallel, shapley, stages, train_lib
+from jmmshap.models import mmbt as mmbt_lib
+from jmmshap.tokenizer import TitleTokenizer
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+TEXT, IMAGE, NO_PLAYER = 0, 1, -1  # player_modality codes.
+TEXT_GROUPINGS = ("words", "tokens")
+VALUES = ("logit", "log_prob")
+TARGETS = ("predicted", "label")
+METHODS = ("auto", "exact", "kernel", "permutation")
+SPLITS = ("validation", "test")
+OUTPUT_DIR = "mmshap"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How MM-SHAP is computed; see the module docstring.
+
+  method: 'auto' (exact up to max_exact_players players, KernelSHAP above), 'exact' (every example
+    exact; above shapley.MAX_EXACT_PLAYERS it fails with the engine's error), 'kernel' or
+    'permutation' (every example sampled).
+  budget: value evaluations per sampled example (0: `shapley.default_budget(p)`).
+  chunk_size: coalition rows per forward call, a multiple of the device count; bounds memory.
+  examples_per_group: examples whose image features are computed together and whose exact
+    coalitions share chunks; a multiple of the device count.
+  """
+  text_players: str = "words"
+  tokens_per_player: int = 1
+  max_text_players: int = 0  # 0: no limit.
+  value: str = "logit"
+  method: str = "auto"
+  max_exact_players: int = 16
+  budget: int = 0
+  chunk_size: int = 1024
+  examples_per_group: int = 8
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.text_players not in TEXT_GROUPINGS:
+      raise ValueError(f"text_players={self.text_players!r}; use one of {TEXT_GROUPINGS}.")
+    if self.value not in VALUES:
+      raise ValueError(f"value={self.value!r}; use one of {VALUES}.")
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r}; use one of {METHODS}.")
+    for name in ("tokens_per_player", "chunk_size", "examples_per_group"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)}; it must be positive.")
+    for name in ("max_text_players", "budget"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)}; it must be >= 0 (0: no limit / default).")
+    if not 0 <= self.max_exact_players <= shapley.MAX_EXACT_PLAYERS:
+      raise ValueError(
+          f"max_exact_players={self.max_exact_players}; exact values are computed for at most "
+          f"{shapley.MAX_EXACT_PLAYERS} players (2**{shapley.MAX_EXACT_PLAYERS} evaluations).")
+
+
+@dataclasses.dataclass
+class Result:
+  """MM-SHAP of a batch of B examples; player axes are padded to P slots.
+
+  phi (B, P): Shapley value per player, NaN on slots without a player.
+  player_modality (B, P): TEXT (0), IMAGE (1) or NO_PLAYER (-1).
+  player_names (B, P): the words of each text player ('image 0' ...; '' on empty slots), when the
+    explainer has a tokenizer, else None.
+  t_shap, v_shap (B,): modality shares (NaN when every phi is 0).
+  exact (B,): whether phi is exact (else KernelSHAP / permutation estimates).
+  targets, predictions (B,): the explained class and the class predicted on the full input.
+  value_full, value_empty (B,): the explained value with every / no player present; phi sums to
+    their difference.
+  num_evaluations (B,): coalition rows evaluated.
+  """
+  phi: np.ndarray
+  player_modality: np.ndarray
+  player_names: np.ndarray | None
+  t_shap: np.ndarray
+  v_shap: np.ndarray
+  exact: np.ndarray
+  targets: np.ndarray
+  predictions: np.ndarray
+  value_full: np.ndarray
+  value_empty: np.ndarray
+  num_evaluations: np.ndarray
+
+  @classmethod
+  def concatenate(cls, results: Sequence[Result]) -> Result:
+    fields = {}
+    for field in dataclasses.fields(cls):
+      parts = [getattr(r, field.name) for r in results]
+      fields[field.name] = None if any(p is None for p in parts) else np.concatenate(parts)
+    return cls(**fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Players.
+
+
+def text_players(word_ids: np.ndarray, *, grouping: str = "words", tokens_per_player: int = 1,
+                 max_text_players: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Text players of each example: `player_of_token` (B, L) and `num_text_players` (B,).
+
+  word_ids (B, L) come from the tokenizer, -1 on [CLS]/[SEP]/[PAD]; those tokens get player -1 (never
+  a player, always kept). 'words' makes each word a player, in title order; 'tokens' makes each run of
+  `tokens_per_player` tokens one. With `max_text_players` > 0 the players past the limit are merged
+  into the last one, so every token still belongs to a player.
+  """
+  if grouping not in TEXT_GROUPINGS:
+    raise ValueError(f"grouping={grouping!r}; use one of {TEXT_GROUPINGS}.")
+  word_ids = np.asarray(word_ids)
+  if word_ids.ndim != 2:
+    raise ValueError(f"word_ids has shape {word_ids.shape}; expected (batch, length).")
+  player_of_token = np.full(word_ids.shape, NO_PLAYER, np.int32)
+  num_text_players = np.zeros(word_ids.shape[0], np.int32)
+  for row, ids in enumerate(word_ids):
+    real = ids >= 0
+    if grouping == "words":
+      players = np.unique(ids[real], return_inverse=True)[1].reshape(-1)
+    else:
+      players = np.arange(int(real.sum())) // tokens_per_player
+    if max_text_players:
+      players = np.minimum(players, max_text_players - 1)
+    player_of_token[row, real] = players
+    num_text_players[row] = players.max() + 1 if players.size else 0
+  return player_of_token, num_text_players
+
+
+def text_slots(length: int, options: Options) -> int:
+  """Text player slots for inputs of `length` tokens: the most any example of that length can have."""
+  slots = length if options.text_players == "words" else -(-length // options.tokens_per_player)
+  return min(slots, options.max_text_players) if options.max_text_players else slots
+
+
+def check_players(player_of_token: np.ndarray, num_text_players: np.ndarray, num_slots: int,
+                  ids: Sequence[str]) -> None:
+  """Every text player owns a token, no token names a player the example lacks, and all fit."""
+  for row, (players, count) in enumerate(zip(player_of_token, num_text_players)):
+    owned = np.unique(players[players >= 0])
+    if count > num_slots:
+      raise ValueError(f"example {ids[row]!r} has {count} text players but there are {num_slots} "
+                       "text player slots; raise max_text_players or let it be 0 (no limit).")
+    if owned.size and owned[-1] >= count:
+      raise ValueError(f"example {ids[row]!r}: a token belongs to text player {owned[-1]} but the "
+                       f"example has {count} text players (player_of_token and num_text_players "
+                       "disagree).")
+    if owned.size != count:
+      missing = sorted(set(range(count)) - set(owned.tolist()))
+      raise ValueError(f"example {ids[row]!r} has {count} text players but players {missing} own no "
+                       "token (player_of_token and num_text_players disagree).")
+
+
+def player_modality(num_text_players: np.ndarray, num_image_players: int,
+                    num_slots: int) -> np.ndarray:
+  """(B, P): TEXT on slots 0 .. t - 1, IMAGE on the next N, NO_PLAYER after."""
+  slots = np.arange(num_slots)[None]
+  text = np.asarray(num_text_players)[:, None]
+  return np.where(slots < text, TEXT,
+                  np.where(slots < text + num_image_players, IMAGE, NO_PLAYER)).astype(np.int8)
+
+
+def modality_shares(phi: np.ndarray, modality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """T-SHAP and V-SHAP (..., ) from phi and player_modality (..., P); NaN where every phi is 0."""
+  magnitude = np.abs(np.where(modality == NO_PLAYER, 0.0, np.asarray(phi, np.float64)))
+  text = np.sum(np.where(modality == TEXT, magnitude, 0.0), axis=-1)
+  image = np.sum(np.where(modality == IMAGE, magnitude, 0.0), axis=-1)
+  total = text + image
+  defined = total > 0
+  safe_total = np.where(defined, total, 1.0)
+  return np.where(defined, text / safe_total, np.nan), np.where(defined, image / safe_total, np.nan)
+
+
+def with_masking(model: mmbt_lib.MMBT, text_masking: str | None = None,
+                 image_masking: str | None = None) -> mmbt_lib.MMBT:
+  """The model with another masked-player representation (None keeps the trained one), in place."""
+  changes = {k: v for k, v in (("text_masking", text_masking), ("image_masking", image_masking))
+             if v is not None}
+  if changes:
+    model.config = dataclasses.replace(model.config, **changes)  # Validated by MMBTConfig.
+  return model
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled programs: shared by every explainer of the same model structure.
+
+
+def _merge(graphdef: nnx.GraphDef, treedef: Any, leaves: list[jax.Array]) -> mmbt_lib.MMBT:
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+# The model state is passed as its flat list of arrays: a static graphdef argument would be hashed,
+# and an nnx.State flattened, on every call, which cost ~10 ms per call even for a tiny model.
+@functools.lru_cache(maxsize=16)
+def _image_program(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
+  return jax.jit(lambda leaves, pixel_values: _merge(graphdef, treedef, leaves).image_features(
+      pixel_values))
+
+
+@functools.lru_cache(maxsize=16)
+def _values_program(graphdef: nnx.GraphDef, treedef: Any, value: str) -> Callable:
+
+  @jax.jit
+  def coalition_values(leaves, group, row_example, masks):
+    """(K, C) values of K coalition rows: row k is example row_example[k] with players masks[k]."""
+    rows = lambda name: jnp.take(group[name], row_example, axis=0)
+    player_of_token = rows("player_of_token")
+    text_keep = (player_of_token < 0) | jnp.take_along_axis(
+        masks, jnp.maximum(player_of_token, 0), axis=1)
+    image_features = rows("image_features")
+    image_slots = rows("num_text_players")[:, None] + jnp.arange(image_features.shape[1])
+    image_keep = jnp.take_along_axis(masks, image_slots, axis=1)
+    model = _merge(graphdef, treedef, leaves)
+    logits = model(rows("input_ids"), rows("attention_mask"), rows("token_type_ids"),
+                   image_features=image_features, text_keep=text_keep,
+                   image_keep=image_keep)["logits"].astype(jnp.float32)
+    return jax.nn.log_softmax(logits, axis=-1) if value == "log_prob" else logits
+
+  return coalition_values
+
+
+def _put(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array, the same on every process, as a global array."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
+
+
+# --------------------------------------------------------------------------------------------------
+# The explainer.
+
+
+class Explainer:
+  """MM-SHAP of an MMBT; one compiled forward per (chunk_size, examples_per_group, length) shape."""
+
+  def __init__(self, model: mmbt_lib.MMBT, options: Options = Options(), *,
+               mesh: jax.sharding.Mesh | None = None, tokenizer: TitleTokenizer | None = None):
+    """The model is used in eval mode (a copy is switched; the caller's module is not changed)."""
+    self.options = options
+    self.mesh = mesh or parallel.make_mesh()
+    self.tokenizer = tokenizer
+    devices = self.mesh.devices.size
+    for name in ("chunk_size", "examples_per_group"):
+      if getattr(options, name) % devices:
+        raise ValueError(f"{name}={getattr(options, name)} does not split over {devices} devices: "
+                         f"use a multiple of {devices}.")
+    evaluated = nnx.merge(*nnx.split(model))
+    evaluated.eval()
+    graphdef, state = nnx.split(evaluated)
+    leaves, treedef = jax.tree.flatten(state)
+    self.leaves = jax.device_put(leaves, parallel.replicated(self.mesh))
+    self._image_features = _image_program(graphdef, treedef)
+    self._coalition_values = _values_program(graphdef, treedef, options.value)
+    self.num_image_players = model.config.num_image_embeddings
+    self.rows_sharding = parallel.data_sharded(self.mesh)
+    self.replicated = parallel.replicated(self.mesh)
+
+  def explain(self, batch: Mapping[str, np.ndarray], *, targets: np.ndarray | None = None,
+              indices: np.ndarray | None = None, progress: tqdm | None = None) -> Result:
+    """MM-SHAP of every example of a batch.
+
+    batch: tokenizer output (input_ids, attention_mask, token_type_ids, word_ids; (B, L)) and
+      pixel_values (B, H, W, 3) or image_features (B, N, D); `id` names examples in errors.
+    targets (B,): classes to explain; None explains the class predicted on the full input.
+    indices (B,): the examples' positions in their split; each sampled example draws from the key
+      (options.seed, index), so estimates do not depend on how examples are batched.
+    progress: a tqdm bar advanced per explained example.
+    """
+    input_ids = np.asarray(batch["input_ids"])
+    size, length = input_ids.shape
+    ids = ([input_pipeline.as_text(i) for i in batch["id"]] if "id" in batch
+           else [f"#{i}" for i in range(size)])
+    if "word_ids" not in batch:
+      raise ValueError("the batch has no word_ids: text players are built from the tokenizer's "
+                       "word ids (TitleTokenizer output).")
+    player_of_token, num_text = text_players(
+        batch["word_ids"], grouping=self.options.text_players,
+        tokens_per_player=self.options.tokens_per_player,
+        max_text_players=self.options.max_text_players)
+    num_slots = text_slots(length, self.options)
+    check_players(player_of_token, num_text, num_slots, ids)
+    inputs = {
+        "input_ids": input_ids.astype(np.int32),
+        "attention_mask": np.asarray(batch["attention_mask"], np.int32),
+        "token_type_ids": np.asarray(batch.get("token_type_ids", np.zeros_like(input_ids)), np.int32),
+        "player_of_token": player_of_token,
+        "num_text_players": num_text,
+    }
+    if ("pixel_values" in batch) == ("image_features" in batch):
+      raise ValueError("pass exactly one of pixel_values or image_features in the batch.")
+    image_key = "pixel_values" if "pixel_values" in batch else "image_features"
+    inputs[image_key] = np.asarray(batch[image_key])
+    targets = None if targets is None else np.asarray(targets, np.int32)
+    indices = np.arange(size) if indices is None else np.asarray(indices)
+    group_size = self.options.examples_per_group
+    results = []
+    for start in range(0, size, group_size):
+      part = slice(start, start + group_size)
+      results.append(self._explain_group(
+          {k: v[part] for k, v in inputs.items()}, ids[part], num_slots,
+          None if targets is None else targets[part], indices[part], progress))
+    result = Result.concatenate(results)
+    if self.tokenizer is not None:
+      result.player_names = self._player_names(input_ids, player_of_token, num_text, num_slots)
+    return result
+
+  # ------------------------------------------------------------------------------------------------
+
+  def _explain_group(self, inputs, ids, num_slots, targets, indices, progress) -> Result:
+    size = len(ids)
+    padded = {k: _pad_examples(v, self.options.examples_per_group) for k, v in inputs.items()}
+    if "pixel_values" in padded:
+      features = self._image_features(self.leaves,
+                                      _put(padded.pop("pixel_values"), self.rows_sharding))
+      padded["image_features"] = jax.device_put(features, self.replicated)
+    group = {k: v if isinstance(v, jax.Array) else _put(v, self.replicated)
+             for k, v in padded.items()}
+    num_image = group["image_features"].shape[1]
+    if num_image != self.num_image_players:
+      raise ValueError(f"image_features has {num_image} embeddings per example, the model "
+                       f"{self.num_image_players}.")
+    num_players = inputs["num_text_players"] + num_image
+    width = num_slots + num_image
+    outcomes: list[tuple | None] = [None] * size
+
+    def choose(slot: int, full_values: np.ndarray) -> tuple[int, int]:
+      """(target, prediction) from the full coalition's values for every class."""
+      prediction = int(np.argmax(full_values))
+      target = prediction if targets is None else int(targets[slot])
+      if not 0 <= target < full_values.shape[-1]:
+        raise ValueError(f"example {ids[slot]!r}: target class {target} is not one of the model's "
+                         f"{full_values.shape[-1]} classes.")
+      return target, prediction
+
+    def finish(slot: int, phi: np.ndarray, *rest) -> None:
+      padded_phi = np.full(width, np.nan)
+      padded_phi[:len(phi)] = phi
+      outcomes[slot] = (padded_phi, *rest)
+      if progress is not None:
+        progress.update(1)
+
+    method = self.options.method
+    limit = self.options.max_exact_players if method == "auto" else shapley.MAX_EXACT_PLAYERS
+    batched = [s for s in range(size) if method in ("auto", "exact") and num_players[s] <= limit]
+    if batched:
+      describe = lambda slot: functools.partial(self._describe, ids[slot],
+                                                int(inputs["num_text_players"][slot]), num_image)
+      self._exact_rows(group, batched, num_players, width, choose, finish, describe)
+    for slot in sorted(set(range(size)) - set(batched)):
+      self._sampled(group, slot, int(num_players[slot]), width, ids[slot], int(indices[slot]),
+                    choose, finish)
+    return self._assemble(outcomes, inputs["num_text_players"], num_image)
+
+  def _exact_rows(self, group, slots, num_players, width, choose, finish, describe) -> None:
+    """Every coalition of the given examples, packed back to back into chunks of rows.
+
+    Each example's coalitions run from the full one down to the empty one, so its first chunk
+    holds the full coalition and fixes the explained class; the host then keeps only that class's
+    2**p values (float64) per example in flight, not all classes.
+    """
+    chunk = self.options.chunk_size
+    sizes = np.asarray([num_players[s] for s in slots], np.int64)
+    counts = np.left_shift(1, sizes)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    bits = np.arange(int(sizes.max()))
+    tables: dict[int, tuple[np.ndarray, int, int, np.ndarray]] = {}
+    filled = np.zeros(len(slots), np.int64)
+    in_flight = collections.deque()
+
+    def collect(values, which, coalitions):
+      values = _to_host(values)[:len(which)]
+      for position in np.unique(which):
+        rows = which == position
+        _check_finite(values[rows], coalitions[rows], describe(slots[position]))
+        if position not in tables:  # The example's first chunk: its full coalition is here.
+          full_values = values[rows][coalitions[rows] == counts[position] - 1][0]
+          target, prediction = choose(slots[position], full_values)
+          tables[position] = (np.empty(counts[position]), target, prediction, full_values)
+        table, target, prediction, _ = tables[position]
+        table[coalitions[rows]] = values[rows, target]
+        filled[position] += rows.sum()
+        if filled[position] == counts[position]:
+          del tables[position]
+          phi = shapley.shapley_from_values(table, int(sizes[position]))
+          finish(slots[position], phi, True, target, prediction, table[-1], table[0],
+                 int(counts[position]))
+
+    for start in range(0, int(offsets[-1]), chunk):
+      rows = np.arange(start, min(start + chunk, int(offsets[-1])))
+      which = np.searchsorted(offsets, rows, side="right") - 1
+      coalitions = offsets[which + 1] - 1 - rows  # Full coalition first.
+      masks = np.zeros((chunk, width), bool)
+      masks[:len(rows), :bits.size] = (coalitions[:, None] >> bits) & 1
+      row_example = np.zeros(chunk, np.int32)
+      row_example[:len(rows)] = np.asarray(slots, np.int32)[which]
+      in_flight.append((self._values(group, row_example, masks), which, coalitions))
+      if len(in_flight) > 1:  # The next chunk is queued before this one is read back.
+        collect(*in_flight.popleft())
+    while in_flight:
+      collect(*in_flight.popleft())
+
+  def _sampled(self, group, slot, num_players, width, example_id, index, choose, finish) -> None:
+    chunk = self.options.chunk_size
+
+    def value_fn(masks):
+      masks = np.asarray(masks)
+      values = []
+      for start in range(0, len(masks), chunk):
+        part = masks[start:start + chunk]
+        padded = np.zeros((chunk, width), bool)
+        padded[:len(part), :num_players] = part
+        values.append(_to_host(self._values(group, np.full(chunk, slot, np.int32), padded))
+                      [:len(part)])
+      return np.concatenate(values)
+
+    key = jax.random.fold_in(jax.random.key(self.options.seed), index)
+    try:
+      result = shapley.shapley(value_fn, num_players, method=self.options.method,
+                               max_exact_players=self.options.max_exact_players,
+                               budget=self.options.budget or None, key=key, chunk_size=chunk,
+                               jit=False)
+    except ValueError as error:
+      raise ValueError(f"example {example_id!r} ({num_players} players): {error}") from error
+    value_full, value_empty = np.asarray(result.value_full), np.asarray(result.value_empty)
+    target, prediction = choose(slot, value_full)
+    finish(slot, np.asarray(result.phi)[:, target], False, target, prediction, value_full[target],
+           value_empty[target], result.num_evaluations)
+
+  def _values(self, group, row_example: np.ndarray, masks: np.ndarray) -> jax.Array:
+    return self._coalition_values(self.leaves, group, _put(row_example, self.rows_sharding),
+                                  _put(masks, self.rows_sharding))
+
+  def _assemble(self, outcomes, num_text, num_image) -> Result:
+    phi, exact, targets, predictions, full, empty, evaluations = (np.asarray(x) for x in
+                                                                  zip(*outcomes))
+    modality = player_modality(num_text, num_image, phi.shape[1])
+    t_shap, v_shap = modality_shares(phi, modality)
+    return Result(phi=phi.astype(np.float32), player_modality=modality, player_names=None,
+                  t_shap=t_shap, v_shap=v_shap, exact=exact.astype(bool),
+                  targets=targets.astype(np.int32), predictions=predictions.astype(np.int32),
+                  value_full=full, value_empty=empty, num_evaluations=evaluations.astype(np.int64))
+
+  def _describe(self, example_id: str, num_text: int, num_image: int, coalition: int) -> str:
+    present = [i for i in range(num_text + num_image) if coalition >> i & 1]
+    text = [i for i in present if i < num_text]
+    image = [i - num_text for i in present if i >= num_text]
+    return (f"example {example_id!r}, coalition {coalition} (present: text players {text} of "
+            f"{num_text}, image embeddings {image} of {num_image}; bit i of the index is player i, "
+            "text players first)")
+
+  def _player_names(self, input_ids, player_of_token, num_text, num_slots) -> np.ndarray:
+    names = np.full((len(input_ids), num_slots + self.num_image_players), "", dtype=object)
+    for row in range(len(input_ids)):
+      for player in range(num_text[row]):
+        tokens = input_ids[row][player_of_token[row] == player].tolist()
+        names[row, player] = self.tokenizer.tokenizer.decode(tokens)
+      for image in range(self.num_image_players):
+        names[row, num_text[row] + image] = f"image {image}"
+    return names.astype(str)
+
+
+def _pad_examples(array: np.ndarray, size: int) -> np.ndarray:
+  """Fills a short last group with copies of its first example (never explained, only computed)."""
+  missing = size - len(array)
+  return array if not missing else np.concatenate([array, np.repeat(array[:1], missing, axis=0)])
+
+
+def _check_finite(values: np.ndarray, coalitions: np.ndarray, describe: Callable[[int], str]) -> None:
+  """Values (k, C) of the given coalitions; names the lowest coalition with a non-finite value."""
+  finite = np.isfinite(values).all(axis=1)
+  if not finite.all():
+    row = int(np.argmin(np.where(finite, np.iinfo(np.int64).max, coalitions)))
+    raise ValueError(
+        f"the model's value is {values[row].tolist()} for {describe(int(coalitions[row]))}. "
+        "Shapley values need a finite value for every coalition: check the model's weights and its "
+        "output when these players are masked.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset summaries.
+
+
+def _share_stats(t_shap: np.ndarray, exact: np.ndarray) -> dict[str, Any]:
+  defined = np.isfinite(t_shap)
+  stats = {"count": int(t_shap.size), "num_exact": int(exact.sum()),
+           "num_undefined": int((~defined).sum())}
+  if defined.any():
+    values = t_shap[defined]
+    stats.update(t_shap_mean=float(values.mean()), t_shap_std=float(values.std()),
+                 v_shap_mean=float(1 - values.mean()), v_shap_std=float(values.std()))
+  else:
+    stats.update(t_shap_mean=None, t_shap_std=None, v_shap_mean=None, v_shap_std=None)
+  return stats
+
+
+def summarize(t_shap: np.ndarray, exact: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+              designed_text_share: Mapping[str, float] | None = None) -> dict[str, Any]:
+  """Mean and std of the shares over a split and per true class (NaN shares counted, not averaged).
+
+  designed_text_share: class name -> the share a toyshop class was built with, written next to
+  the measured one.
+  """
+  t_shap, exact, labels = np.asarray(t_shap), np.asarray(exact, bool), np.asarray(labels)
+  per_class = []
+  for index, name in enumerate(class_names):
+    members = labels == index
+    entry = {"class": name, **_share_stats(t_shap[members], exact[members])}
+    if designed_text_share is not None:
+      entry["designed_text_share"] = designed_text_share.get(name)
+    per_class.append(entry)
+  return {**_share_stats(t_shap, exact), "per_class": per_class}
+
+
+def _histogram(t_shap: np.ndarray, path: str, title: str) -> None:
+  figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+  defined = t_shap[np.isfinite(t_shap)]
+  axis.hist(defined, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+  axis.set_xlim(0, 1)
+  axis.set_xlabel("T-SHAP (text share; V-SHAP = 1 - T-SHAP)")
+  axis.set_ylabel("examples")
+  axis.set_title(f"{title} ({defined.size} of {t_shap.size} examples defined)")
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+
+
+def _per_class_bars(summary: dict, path: str, title: str) -> None:
+  entries = summary["per_class"]
+  names = [f"{e['class']} (n={e['count']})" for e in entries]
+  means = [np.nan if e["t_shap_mean"] is None else e["t_shap_mean"] for e in entries]
+  stds = [0.0 if e["t_shap_std"] is None else e["t_shap_std"] for e in entries]
+  figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 5), dpi=100)
+  positions = np.arange(len(names))
+  axis.bar(positions, means, yerr=stds, color="tab:blue", alpha=0.8, capsize=3,
+           label="measured T-SHAP (mean, std)")
+  designed = [e.get("designed_text_share") for e in entries]
+  if any(d is not None for d in designed):
+    axis.scatter(positions, [np.nan if d is None else d for d in designed], marker="_", s=400,
+                 color="tab:red", zorder=3, label="designed text share")
+  axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+  axis.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
+  axis.set_ylim(0, 1.05)
+  axis.set_ylabel("T-SHAP")
+  axis.set_title(title, pad=28)
+  axis.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def options_from_config(config: ml_collections.ConfigDict) -> Options:
+  return Options(
+      text_players=config.text_players, tokens_per_player=config.tokens_per_player,
+      max_text_players=config.max_text_players, value=config.value, method=config.method,
+      max_exact_players=config.max_exact_players, budget=config.budget,
+      chunk_size=config.chunk_size, examples_per_group=config.examples_per_group,
+      seed=config.seed)
+
+
+def data_config(config: ml_collections.ConfigDict,
+                mmbt_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MMBT's own data config; this stage's config may only say where the data now lives."""
+  if config.variant != mmbt_config.variant:
+    raise ValueError(
+        f"config.variant={config.variant!r} but the MMBT in the workdir was trained on "
+        f"{mmbt_config.variant!r}: use --config=configs/mmshap.py:{mmbt_config.variant}.")
+  data = ml_collections.ConfigDict(mmbt_config.data.to_dict())
+  for key, value in config.data.items():
+    if value is not None:
+      data[key] = value
+  return data
+
+
+def _targets(config: ml_collections.ConfigDict, labels: np.ndarray,
+             class_names: Sequence[str]) -> np.ndarray | None:
+  if config.target == "predicted":
+    return None
+  if config.target == "label":
+    return labels
+  if config.target in class_names:
+    return np.full(len(labels), list(class_names).index(config.target), np.int32)
+  raise ValueError(f"config.target={config.target!r}; use one of {TARGETS} or a class name "
+                   f"({', '.join(class_names)}).")
+
+
+def _groups(source: input_pipeline.RecordSource, count: int, size: int,
+            preprocess: input_pipeline.Preprocessor) -> Iterator[tuple[np.ndarray, dict]]:
+  for start in range(0, count, size):
+    indices = np.arange(start, min(start + size, count))
+    yield indices, preprocess(input_pipeline.read_records(source, indices))
+
+
+def explain_split(explainer: Explainer, source: input_pipeline.RecordSource,
+                  preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
+                  class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
+  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings."""
+  count = len(source) if not config.max_examples else min(config.max_examples, len(source))
+  group = explainer.options.examples_per_group
+  results, labels, ids = [], [], []
+  progress = tqdm(total=count, desc=f"mmshap {split}", unit="ex", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  started, evaluations = time.perf_counter(), 0
+  for indices, batch in input_pipeline.prefetch(_groups(source, count, group, preprocess)):
+    result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
+                               indices=indices, progress=progress)
+    evaluations += int(result.num_evaluations.sum())
+    progress.set_postfix(coalitions_s=f"{evaluations / (time.perf_counter() - started):,.0f}")
+    results.append(result)
+    labels.append(batch["label"])
+    ids.append(batch["id"])
+  progress.close()
+  seconds = time.perf_counter() - started
+  result = Result.concatenate(results)
+  arrays = {
+      "ids": np.concatenate(ids).astype(str), "labels": np.concatenate(labels).astype(np.int32),
+      "predictions": result.predictions, "targets": result.targets, "t_shap": result.t_shap,
+      "v_shap": result.v_shap, "phi": result.phi, "player_modality": result.player_modality,
+      "exact": result.exact, "value_full": result.value_full, "value_empty": result.value_empty,
+      "num_evaluations": result.num_evaluations, "class_names": np.asarray(class_names),
+  }
+  if result.player_names is not None:
+    arrays["player_names"] = result.player_names
+  timing = {"seconds": seconds, "examples_per_s": count / seconds,
+            "coalitions_per_s": evaluations / seconds, "num_evaluations": evaluations}
+  return arrays, timing
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """MM-SHAP of the trained MMBT in `workdir/mmbt` on validation and test -> `workdir/mmshap/`.
+
+  Writes mmshap_{split}.npz (ids, labels, predictions, targets, t_shap, v_shap, phi,
+  player_modality, player_names, exact, value_full, value_empty, num_evaluations, class_names),
+  summary.json (per split: shares over the split and per true class, counts, exact counts,
+  timings; with toyshop data each class's designed text share) and, per split,
+  t_shap_histogram_{split}.png and t_shap_per_class_{split}.png. Returns the summary.
+  """
+  mmbt_dir = train_lib.stage_dir(workdir, stages.MMBT.name)
+  if not os.path.isdir(os.path.join(mmbt_dir, "best")):
+    raise FileNotFoundError(
+        f"{mmbt_dir} holds no trained MMBT (no best/ checkpoint): train the mmbt stage into this "
+        f"workdir first: python train.py --config=configs/mmbt.py:{config.variant} "
+        f"--workdir={workdir}")
+  trained = train_lib.load_trained(workdir, stages.MMBT)
+  model = with_masking(trained.model, config.get("text_masking"), config.get("image_masking"))
+  options = options_from_config(config)
+  explainer = Explainer(model, options, tokenizer=trained.tokenizer)
+  builder = builders.prepare(data_config(config, trained.config))
+  reliance = builders.class_reliance(builder)
+  designed = None if reliance is None else {c["name"]: c["text_share"] for c in reliance}
+  directory = os.path.join(workdir, OUTPUT_DIR)
+  os.makedirs(directory, exist_ok=True)
+  summary = {
+      "class_names": trained.class_names, "value": options.value, "target": config.target,
+      "method": options.method, "max_exact_players": options.max_exact_players,
+      "text_players": options.text_players, "text_masking": model.config.text_masking,
+      "image_masking": model.config.image_masking, "splits": {},
+  }
+  for split in config.get("splits", SPLITS):
+    arrays, timing = explain_split(explainer, builder.as_data_source(split), trained.preprocess,
+                                   config=config, class_names=trained.class_names, split=split)
+    split_summary = summarize(arrays["t_shap"], arrays["exact"], arrays["labels"],
+                              trained.class_names, designed)
+    split_summary.update(timing)
+    summary["splits"][split] = split_summary
+    logging.info("mmshap %s: T-SHAP %s over %d examples (%d exact), %.1f examples/s", split,
+                 split_summary["t_shap_mean"], split_summary["count"], split_summary["num_exact"],
+                 timing["examples_per_s"])
+    if jax.process_index() == 0:
+      np.savez(os.path.join(directory, f"mmshap_{split}.npz"), **arrays)
+      _histogram(arrays["t_shap"], os.path.join(directory, f"t_shap_histogram_{split}.png"),
+                 f"MM-SHAP {split}")
+      _per_class_bars(split_summary, os.path.join(directory, f"t_shap_per_class_{split}.png"),
+                      f"MM-SHAP per class, {split}")
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
