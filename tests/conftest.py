@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# Tiny test programs: XLA's expensive CPU optimisation passes cost more compile time than they save.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
+                      "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
