@@ -24,7 +24,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOLERANCE = 1e-4
-PRODUCTS_CSV = "/work/shared/data/fashion-products/products.csv"
+# The shared catalogue lies beside the repository (../shared), in CI as here.
+PRODUCTS_CSV = os.path.join(os.environ.get("JMMSHAP_FASHION_DIR", os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "fashion-products")), "products.csv")
 
 
 @nnx.jit

@@ -21,7 +21,9 @@ import tensorflow_datasets as tfds
 from jmmshap import builders
 from jmmshap import toyshop
 
-FASHION_DIR = os.environ.get("JMMSHAP_FASHION_DIR", "/work/shared/data/fashion-products")
+# The shared catalogue lies beside the repository (../shared), in CI as here.
+FASHION_DIR = os.environ.get("JMMSHAP_FASHION_DIR", os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "fashion-products"))
 SKIP_HINT = "--config.data.on_bad_row=skip"
 
 tfds.disable_progress_bar()
