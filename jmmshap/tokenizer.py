@@ -7,13 +7,14 @@ it, so ids never drift between runs).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -44,14 +45,30 @@ class TitleTokenizer:
   @classmethod
   def train(cls, titles: Iterable[str], *, vocab_size: int, max_length: int,
             lowercase: bool = True) -> TitleTokenizer:
-    """A WordPiece vocabulary learnt from the training titles only (never from evaluation data)."""
-    tokenizer = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """A WordPiece vocabulary from the training titles only (never from evaluation data).
+
+    Built here rather than by `tokenizers`' WordPieceTrainer, which breaks frequency ties in hash order:
+    two trainings on the same titles gave vocabularies with 57 of 319 ids apart, and so different
+    models. This one is deterministic: the special tokens, every character as a word start and as a
+    continuation (`##c`), then whole words by descending count (ties alphabetical) up to `vocab_size`;
+    a rarer word is split by WordPiece's longest match into the pieces the vocabulary has.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = collections.Counter(
+        word for title in titles
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(title)))
+    characters = sorted({character for word in counts for character in word})
+    vocab = dict.fromkeys([*SPECIAL_TOKENS, *characters, *(f"##{c}" for c in characters)])
+    for word in sorted(counts, key=lambda w: (-counts[w], w)):
+      if len(vocab) >= vocab_size:
+        break
+      vocab.setdefault(word)
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(
+        {token: index for index, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        show_progress=False)
-    tokenizer.train_from_iterator(titles, trainer=trainer)
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

@@ -43,3 +43,15 @@ def test_vocab_txt_folder_uses_bert_wordpiece(tmp_path):
 def test_folder_without_vocabulary_explains_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json or vocab.txt"):
     TitleTokenizer.from_folder(str(tmp_path), max_length=8)
+
+
+def test_training_is_deterministic_and_keeps_frequent_words_whole():
+  first = TitleTokenizer.train(TITLES, vocab_size=60, max_length=10)
+  again = TitleTokenizer.train(TITLES[::-1], vocab_size=60, max_length=10)
+  assert first.tokenizer.get_vocab() == again.tokenizer.get_vocab()
+  vocab = first.tokenizer.get_vocab()
+  assert len(vocab) == 60 and {"men", "mug", "red"} <= set(vocab)  # "men" is the most frequent.
+  # A word the vocabulary lacks is spelled out in known pieces, never lost to [UNK].
+  batch = first(["grain"])
+  pieces = batch["input_ids"][0, 1:batch["attention_mask"][0].sum() - 1]
+  assert len(pieces) > 1 and first.tokenizer.token_to_id("[UNK]") not in pieces
