@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -30,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+
+from timing import median_seconds  # scripts/timing.py
 
 from jmmshap import mmshap, shapley
 from jmmshap.models import bert, clip_vision, mmbt
@@ -94,17 +94,6 @@ def make_batch(num_examples: int, num_words: int, length: int, image_size: int,
       "token_type_ids": np.zeros_like(input_ids), "word_ids": word_ids,
       "pixel_values": rng.normal(size=(num_examples, image_size, image_size, 3)).astype(np.float32),
   }
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
-  if warm_up:  # Compile and fill caches.
-    jax.block_until_ready(run())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def baseline_loop(model: mmbt.MMBT, batch: dict[str, np.ndarray], num_players: int,

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 from absl import app
 from absl import flags
@@ -25,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jmmshap import shapley as shapley_lib
+from timing import median_seconds  # scripts/timing.py
 
 _OUTPUT = flags.DEFINE_string("output", "bench_shapley.json", "Where to write the JSON results.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per measurement (the median is kept).")
@@ -32,16 +30,6 @@ _TABLE_PLAYERS = flags.DEFINE_integer("table_players", 20, "p for the shapley_fr
 _EXACT_PLAYERS = flags.DEFINE_list("exact_players", ["8", "12", "16"],
                                    "Player counts for the exact_shapley throughput.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 4096, "Coalitions per value_fn call.")
-
-
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-  jax.block_until_ready(run())  # Warm-up: compile and fill caches.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def bench_table(num_players: int, repeats: int) -> dict:
