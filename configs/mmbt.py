@@ -4,7 +4,9 @@ Variants: toyshop (default; tiny towers trained from scratch), fashion, taimd17k
 the paper's setting (BERT-base and CLIP ViT-B/32 sizes, 4 image embeddings, text length 120, images
 288 px), e.g. `--config=configs/mmbt.py:taimd17k,paper`. Towers start from checkpoints with
 `--config.init_from_text=DIR` (HF BERT folder) and `--config.init_from_image=DIR` (HF CLIP folder);
-`--config.model.image_tower=resnet` swaps CLIP for a ResNet, as in the original MMBT.
+`--config.model.image_tower=resnet` swaps CLIP for a ResNet, as in the original MMBT. A path
+`workdir:<path>` is relative to the run's workdir: the fashion variants start the vision tower from
+`workdir:clip_pretrain/export`, the output of configs/clip_pretrain.py.
 """
 
 import ml_collections
@@ -22,9 +24,10 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.data.max_length = 16 if variant == "toyshop" else 32
   config.data.vocab_size = 1000 if variant == "toyshop" else 8000
   config.data.tokenizer = ml_collections.config_dict.placeholder(str)
-  config.data.image_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation.
-  config.data.image_std = (0.26862954, 0.26130258, 0.27577711)
+  config.data.image_mean = common.CLIP_MEAN
+  config.data.image_std = common.CLIP_STD
   config.init_from_text = ml_collections.config_dict.placeholder(str)
+  config.init_from_text_layers = 0  # Keep only the first layers of init_from_text (0: all).
   config.init_from_image = ml_collections.config_dict.placeholder(str)
 
   config.model = ml_collections.ConfigDict(dict(
@@ -32,12 +35,10 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
       classifier_dropout=0.1,
       bert=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
-      clip=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                patch_size=8),
+      clip=common.clip_tower(variant),
       resnet=dict(depth=18, width=16, small_stem=True)))
   if variant != "toyshop":
     config.model.bert.update(hidden_size=256, num_hidden_layers=4, intermediate_size=1024)
-    config.model.clip.update(hidden_size=256, num_hidden_layers=4, intermediate_size=1024)
   if paper:
     config.data.max_length = 120
     config.data.image_size = 288
@@ -51,6 +52,19 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
       warmup_fraction=0.1, schedule="cosine", grad_clip_norm=1.0))
   config.batch_size = 64
   config.num_epochs = 20 if variant == "toyshop" else 5
+  if variant in common.FASHION and not paper:
+    # Sized for a 2-core CPU: the first 2 layers of MiniLM, the tower pretrained by
+    # configs/clip_pretrain.py in the same workdir, and 2 image embeddings, so that exact MM-SHAP
+    # with 2 text players needs 16 coalitions per example.
+    config.data.max_length = 24
+    config.data.tokenizer = common.MINILM
+    config.init_from_text = common.MINILM
+    config.init_from_text_layers = 2
+    config.init_from_image = "workdir:clip_pretrain/export"
+    config.model.num_image_embeddings = 2
+    config.optimizer.learning_rate = 2e-4
+    config.batch_size = 32
+    config.num_epochs = 1
   if variant == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 5
   return config

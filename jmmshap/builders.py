@@ -681,7 +681,7 @@ def builder_for(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
     config = fashion_products_config(
         _manual_dir(data_config, "products.csv and images/"),
         label_field=data_config.get("label_field") or "article_type",
-        top_k=data_config.get("top_k", 31), min_count=data_config.get("min_count"),
+        top_k=data_config.get("top_k", 31) or None, min_count=data_config.get("min_count"),
         on_bad_row=on_bad_row)
     return FashionProducts(config=config, data_dir=data_dir, file_format="array_record")
   if name == "product_folder":

@@ -82,7 +82,7 @@ from jmmshap import metrics, parallel, plots, train_lib
 from jmmshap.models import initializers
 
 LEARNERS = ("text", "image", "mmbt")
-UPSTREAM = ("text", "image", "mmbt", "mmshap")
+UPSTREAM = ("text", "image", "clip_pretrain", "mmbt", "mmshap")  # Those in config.stages, in order.
 SPLITS = ("validation", "test")
 WEIGHTINGS = ("none", "dataset", "sample")
 METHOD_OF_WEIGHTING = {"none": "stacked", "dataset": "mmshap_dataset", "sample": "mmshap_sample"}
@@ -968,8 +968,12 @@ def parse_rerun(value: str) -> set[str]:
 def final_outputs(workdir: str, stage: str) -> list[str]:
   """The files whose presence means a stage finished (and is reused)."""
   directory = train_lib.stage_dir(workdir, stage)
-  names = ([f"mmshap_{split}.npz" for split in SPLITS] if stage == "mmshap" else
-           ["metrics.json"] + [f"logits_{split}.npz" for split in SPLITS])
+  if stage == "mmshap":
+    names = [f"mmshap_{split}.npz" for split in SPLITS]
+  elif stage == "clip_pretrain":
+    names = ["metrics.json", os.path.join("export", "model.safetensors")]
+  else:
+    names = ["metrics.json"] + [f"logits_{split}.npz" for split in SPLITS]
   return [os.path.join(directory, name) for name in names]
 
 
@@ -988,16 +992,17 @@ def config_differences(workdir: str, stage: str, stage_config: ml_collections.Co
   path = os.path.join(train_lib.stage_dir(workdir, stage), "config.json")
   if not os.path.isfile(path):
     return []
+  from jmmshap import stages  # pylint: disable=g-import-not-at-top  (stages dispatches to this module)
   with open(path) as f:
     saved = _flatten(json.load(f))
-  requested = _flatten(json.loads(stage_config.to_json()))
+  requested = _flatten(json.loads(stages.resolve_workdir_paths(stage_config, workdir).to_json()))
   return [f"{key}: {saved[key]!r} there, {requested[key]!r} now"
           for key in sorted(set(saved) & set(requested))
           if key != "mode" and saved[key] != requested[key]]
 
 
 def run_upstream(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
-  """Runs the stages among text, image, mmbt, mmshap whose outputs are missing (or asked for again).
+  """Runs the upstream stages whose outputs are missing (or asked for again), in UPSTREAM's order.
 
   A finished stage is reused; one asked for with `rerun` is deleted and run from scratch; mmshap
   also reruns when the mmbt it explained is newer than its outputs. Returns the stages run.
@@ -1007,6 +1012,8 @@ def run_upstream(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   rerun = parse_rerun(config.rerun)
   ran = []
   for stage in UPSTREAM:
+    if stage not in config.stages:
+      continue
     stage_config = config.stages[stage]
     directory = train_lib.stage_dir(workdir, stage)
     outputs = final_outputs(workdir, stage)

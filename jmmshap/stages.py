@@ -5,6 +5,7 @@ A classifier stage is a model builder plus the batch fields the model reads; `tr
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,8 +35,10 @@ def build_bert(model_config: ml_collections.ConfigDict, tokenizer: TitleTokenize
   return bert.BertModel(bert_config, rngs=rngs, **dtypes)
 
 
-def pretrained_bert(path: str, rngs: nnx.Rngs, **dtypes: Any) -> bert.BertModel:
-  model, _ = bert.from_pretrained(path, hf.read_config(path), rngs=rngs, **dtypes)
+def pretrained_bert(path: str, rngs: nnx.Rngs, num_layers: int = 0, **dtypes: Any) -> bert.BertModel:
+  """A HF BERT folder's encoder, cut to its first `num_layers` layers (0: all)."""
+  model, _ = bert.from_pretrained(path, hf.read_config(path), num_hidden_layers=num_layers or None,
+                                  rngs=rngs, **dtypes)
   return model.bert if isinstance(model, bert.BertForSequenceClassification) else model
 
 
@@ -95,7 +98,8 @@ def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,
   else:
     raise ValueError(f"model.image_tower={model_config.image_tower!r}: use 'clip' or 'resnet'")
   max_positions = max(config.data.max_length, model_config.num_image_embeddings + 2)
-  text = (pretrained_bert(config.init_from_text, rngs, **dtypes) if config.get("init_from_text")
+  text = (pretrained_bert(config.init_from_text, rngs, config.get("init_from_text_layers", 0), **dtypes)
+          if config.get("init_from_text")
           else build_bert(model_config.bert, tokenizer, max_positions, rngs, **dtypes))
   mmbt_config = mmbt.MMBTConfig(
       num_image_embeddings=model_config.num_image_embeddings, cls_token_id=tokenizer.cls_id,
@@ -118,9 +122,31 @@ MMBT = train_lib.ClassifierStage(
 CLASSIFIERS = {stage.name: stage for stage in (TEXT, IMAGE, MMBT)}
 
 
+WORKDIR_PREFIX = "workdir:"
+_CHECKPOINT_KEYS = ("init_from", "init_from_text", "init_from_image")
+
+
+def resolve_workdir_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`workdir:<path>` checkpoint settings name an earlier stage's output inside this run's workdir.
+
+  So a config can say where the MMBT's vision tower comes from (`workdir:clip_pretrain/export`)
+  before anyone has chosen the workdir.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())  # Locked configs stay untouched.
+  for key in _CHECKPOINT_KEYS:
+    value = config.get(key)
+    if isinstance(value, str) and value.startswith(WORKDIR_PREFIX):
+      config[key] = os.path.join(workdir, value[len(WORKDIR_PREFIX):])
+  return config
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if config.stage == "clip_pretrain":
+    from jmmshap import clip_pretrain  # pylint: disable=g-import-not-at-top
+    return clip_pretrain.run(config, workdir)
   if config.stage in CLASSIFIERS:
-    return train_lib.train_and_evaluate(config, workdir, CLASSIFIERS[config.stage])
+    return train_lib.train_and_evaluate(resolve_workdir_paths(config, workdir), workdir,
+                                        CLASSIFIERS[config.stage])
   if config.stage == "mmshap":
     from jmmshap import mmshap  # pylint: disable=g-import-not-at-top  (mmshap imports this module)
     return mmshap.run(config, workdir)
@@ -128,4 +154,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from jmmshap import meta  # pylint: disable=g-import-not-at-top  (meta runs the other stages)
     return meta.run(config, workdir)
   raise ValueError(f"config.stage={config.stage!r}: known stages are "
-                   f"{sorted([*CLASSIFIERS, 'mmshap', 'meta'])}")
+                   f"{sorted([*CLASSIFIERS, 'clip_pretrain', 'mmshap', 'meta'])}")

@@ -16,6 +16,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from jmmshap.models import hf
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -78,6 +80,7 @@ class TitleTokenizer:
   @classmethod
   def from_folder(cls, path: str, *, max_length: int) -> TitleTokenizer:
     """The tokenizer of a checkpoint folder: tokenizer.json, else vocab.txt (+ tokenizer_config.json)."""
+    path = hf.resolve_path(path)
     json_file = os.path.join(path, TOKENIZER_FILE)
     if os.path.isfile(json_file):
       return cls(tokenizers.Tokenizer.from_file(json_file), max_length)

@@ -132,6 +132,21 @@ def test_sequence_classifier_matches_transformers(classifier_checkpoint):
   assert_matches(flax_out, torch_outputs(torch_model, *batch))
 
 
+def test_num_hidden_layers_keeps_the_first_layers_like_transformers(backbone_checkpoint):
+  folder, _ = backbone_checkpoint
+  model, config = bert.from_pretrained(folder, hf.read_config(folder), num_hidden_layers=1)
+  assert config.num_hidden_layers == 1 and len(model.encoder.layers) == 1
+  torch_model = transformers.BertModel.from_pretrained(folder, num_hidden_layers=1).eval()
+  batch = padded_batch()
+  assert_matches(forward(model, *map(jnp.asarray, batch)), torch_outputs(torch_model, *batch))
+
+
+def test_num_hidden_layers_beyond_the_checkpoint_is_rejected(backbone_checkpoint):
+  folder, _ = backbone_checkpoint
+  with pytest.raises(ValueError, match="num_hidden_layers=9.*keep between 1 and 2"):
+    bert.from_pretrained(folder, hf.read_config(folder), num_hidden_layers=9)
+
+
 def test_pytorch_bin_checkpoint_loads(backbone_checkpoint, tmp_path):
   folder, torch_model = backbone_checkpoint
   torch_model.config.save_pretrained(tmp_path)

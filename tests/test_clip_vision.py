@@ -87,6 +87,19 @@ def test_checkpoint_matches_transformers(checkpoints, kind):
   _assert_matches(_forward(model, images), _torch_outputs(vision, images))
 
 
+def test_saved_tower_reloads_here_and_in_transformers(checkpoints, tmp_path):
+  vision, folder = checkpoints["clip"]
+  model, _ = models.from_pretrained(folder)
+  clip_vision.save_pretrained(model, str(tmp_path / "export"))
+  reloaded, config = models.from_pretrained(str(tmp_path / "export"))
+  assert config == model.config
+  torch_reloaded = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "export")).eval()
+  images = _images(32, 32, seed=3)
+  reference = _torch_outputs(vision, images)
+  _assert_matches(_forward(reloaded, images), reference)
+  _assert_matches(_torch_outputs(torch_reloaded, images), reference)
+
+
 def test_other_image_sizes_match_transformers_interpolate_pos_encoding(checkpoints):
   vision, folder = checkpoints["clip_vision_model"]
   model, _ = models.from_pretrained(folder)

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from configs import common, image, mmbt, text
+from configs import clip_pretrain, common, image, mmbt, text
 from jmmshap import metrics, stages, train_lib
 
-CONFIG_MODULES = {"text": text, "image": image, "mmbt": mmbt}
+CONFIG_MODULES = {"text": text, "image": image, "mmbt": mmbt, "clip_pretrain": clip_pretrain}
 
 
 @pytest.mark.parametrize("variant", common.VARIANTS)
@@ -40,6 +40,14 @@ def _tiny(config, data_dir):
   config.total_steps = 2
   config.log_every_steps = 1
   return config
+
+
+def test_workdir_paths_resolve_inside_the_run_and_other_paths_stay():
+  config = mmbt.get_config("fashion")
+  resolved = stages.resolve_workdir_paths(config, "/runs/a")
+  assert resolved.init_from_image == "/runs/a/clip_pretrain/export"
+  assert resolved.init_from_text == config.init_from_text == common.MINILM
+  assert config.init_from_image == "workdir:clip_pretrain/export"
 
 
 @pytest.mark.parametrize("stage", ["image", "mmbt"])

@@ -335,6 +335,7 @@ def _canonical_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 
 
 def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int | None = None,
+                    num_hidden_layers: int | None = None,
                     add_pooling_layer: bool = True, dtype: Any = jnp.float32,
                     param_dtype: Any = jnp.float32, rngs: nnx.Rngs | None = None
                     ) -> tuple[BertModel | BertForSequenceClassification, BertConfig]:
@@ -344,6 +345,8 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int 
   Without `num_labels` the result is a BertForSequenceClassification when the checkpoint has a
   `classifier` head and a BertModel otherwise. With `num_labels`, a head of another size (or none) is
   replaced by a freshly initialised one, drawn from `rngs` (default `nnx.Rngs(0)`).
+  `num_hidden_layers` keeps only the first layers: a cheaper tower that still starts from pretrained
+  weights (the lower layers of a BERT carry most of the lexical knowledge a short title needs).
   """
   model_type = hf_config.get("model_type")
   if model_type != "bert":
@@ -354,6 +357,16 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int 
     config = BertConfig.from_hf(hf_config)
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{path}/config.json: {e}") from e
+  dropped_layers = ()
+  if num_hidden_layers is not None and num_hidden_layers != config.num_hidden_layers:
+    if not 1 <= num_hidden_layers <= config.num_hidden_layers:
+      raise ValueError(f"{path}: num_hidden_layers={num_hidden_layers}, but the checkpoint has "
+                       f"{config.num_hidden_layers} layers; keep between 1 and {config.num_hidden_layers}.")
+    dropped_layers = tuple(f"encoder.layer.{i}." for i in range(num_hidden_layers,
+                                                                config.num_hidden_layers))
+    logger.info("%s: keeping the first %d of %d layers.", path, num_hidden_layers,
+                config.num_hidden_layers)
+    config = dataclasses.replace(config, num_hidden_layers=num_hidden_layers)
   tensors = _canonical_names(hf.read_tensors(path))
 
   head = tensors.get("classifier.weight")
@@ -368,7 +381,8 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int 
     else:
       logger.warning("%s has a %d-label classifier but num_labels=%d: it is dropped and a new "
                      "classifier initialised (train it before use).", path, head_labels, num_labels)
-  ignored = _BUFFERS + _PRETRAINING_HEADS + (() if load_head else ("classifier.",))
+  ignored = (_BUFFERS + _PRETRAINING_HEADS + dropped_layers
+             + (() if load_head else ("classifier.",)))
   skipped = sorted(k for k in tensors if k.startswith(_PRETRAINING_HEADS))
   if skipped:
     logger.info("%s: ignoring %d pre-training head tensors (%s ...).", path, len(skipped), skipped[0])

