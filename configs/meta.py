@@ -60,6 +60,7 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.mode = "train"  # "eval": restore the meta-models, recompute the report; runs no stage.
   config.seed = 0  # Meta-MLP init, folds and holdout.
   config.rerun = ""  # Upstream stages to delete and run again, e.g. "text,mmshap".
+  config.output_dir = "meta"  # Inside the workdir; another name keeps e.g. several seeds side by side.
   config.data = common.data_config(variant)
   config.stages = ml_collections.ConfigDict()
   for name, module in STAGE_CONFIGS.items():

@@ -824,7 +824,7 @@ def evaluate_methods(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Trains (train mode) or restores (eval mode) every weighting's meta-model; writes the report."""
   meta_config = config.meta
   weightings = parse_weightings(meta_config.weighting)
-  directory = os.path.join(workdir, OUTPUT_DIR)
+  directory = os.path.join(workdir, config.get("output_dir") or OUTPUT_DIR)
   os.makedirs(directory, exist_ok=True)
   outputs = {split: load_base_outputs(workdir, split) for split in SPLITS}
   _check_class_names(outputs["validation"].class_names, outputs["validation"].paths["text"],
@@ -1048,7 +1048,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parse_weightings(config.meta.weighting)
   if config.mode == "train":
     run_upstream(config, workdir)
-  directory = os.path.join(workdir, OUTPUT_DIR)
+  directory = os.path.join(workdir, config.get("output_dir") or OUTPUT_DIR)
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0 and config.mode == "train":
     with open(os.path.join(directory, "config.json"), "w") as f:
