@@ -51,7 +51,8 @@ recomputes every reported number from the stored base logits and shares.
 
 Outputs (`W/meta/`): metrics.json (test metrics per method: text, image, mmbt, average, stacked,
 mmshap_dataset, mmshap_sample), report.md (Table II, MM-SHAP summary, per-class F1),
-confusion_matrix.png (best method), training.json, config.json, and per method log.jsonl,
+confusion_matrix.png (best method), per_class_f1.png (base learners, stacking and the best method),
+training.json, config.json, and per method log.jsonl,
 loss.png, accuracy.png and checkpoints/.
 """
 
@@ -876,6 +877,9 @@ def evaluate_methods(workdir: str, config: ml_collections.ConfigDict) -> dict:
         os.path.join(directory, "confusion_matrix.png"), f"{best} (test)")
     per_class_f1 = {method: metrics.per_class(test_labels, predictions[method], num_classes)["f1"]
                     for method in methods}
+    shown = [m for m in ("text", "image", "mmbt", "stacked", best) if m in per_class_f1]
+    plots.per_class_f1({m: per_class_f1[m] for m in dict.fromkeys(shown)}, class_names,
+                       os.path.join(directory, "per_class_f1.png"), "per-class F1 (test)")
     with open(os.path.join(directory, "report.md"), "w") as f:
       f.write(render_report(report, per_class_f1, shares, outputs, training, best))
   for method in methods:

@@ -53,3 +53,26 @@ def confusion_matrix(counts: np.ndarray, class_names: Sequence[str], path: str, 
   figure.savefig(path)
   plt.close(figure)
   return path
+
+
+def per_class_f1(f1_by_method: dict[str, np.ndarray], class_names: Sequence[str], path: str,
+                 title: str) -> str:
+  """Grouped horizontal bars: one group per class, one bar per method, so gains show per class."""
+  methods = list(f1_by_method)
+  height = 0.8 / max(len(methods), 1)
+  positions = np.arange(len(class_names))
+  figure, axis = plt.subplots(figsize=(7, max(4.0, 0.22 * len(class_names) * max(len(methods), 2) / 2)),
+                              dpi=100)
+  for offset, method in enumerate(methods):
+    axis.barh(positions + offset * height, f1_by_method[method], height, label=method)
+  axis.set_yticks(positions + height * (len(methods) - 1) / 2, class_names, fontsize=7)
+  axis.invert_yaxis()
+  axis.set_xlim(0, 1)
+  axis.set_xlabel("F1")
+  axis.set_title(title)
+  axis.grid(axis="x", alpha=0.3)
+  axis.legend(fontsize=7, loc="lower left")
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+  return path

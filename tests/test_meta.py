@@ -53,12 +53,15 @@ def _config(**meta_overrides):
   return config
 
 
-@pytest.mark.parametrize("variant", ["toyshop", "fashion", "taimd17k", "taimd17k,paper"])
+@pytest.mark.parametrize("variant",
+                         ["toyshop", "fashion", "fashion_sub", "taimd17k", "taimd17k,paper"])
 def test_meta_config_loads_in_every_variant_with_one_shared_data_config(variant):
   config = meta_configs.get_config(variant)
-  assert config.stage == "meta" and set(config.stages.keys()) == set(meta.UPSTREAM)
+  pretrains = variant.startswith("fashion")  # Their MMBT starts from the clip_pretrain stage's tower.
+  assert config.stage == "meta" and set(config.stages.keys()) == (
+      set(meta.UPSTREAM) - (set() if pretrains else {"clip_pretrain"}))
   config.data.data_dir = "/elsewhere"
-  for name in ("text", "image", "mmbt", "mmshap"):
+  for name in config.stages:
     assert config.stages[name].data.data_dir == "/elsewhere"
   assert config.stages.mmbt.data.image_size == config.data.image_size
   if variant.endswith("paper"):
@@ -361,12 +364,13 @@ def test_the_main_job_runs_every_missing_stage_then_reuses_them(tmp_path_factory
   report = stages.run(config, workdir)
   assert list(report["methods"]) == ["text", "image", "mmbt", "average", "stacked",
                                      "mmshap_dataset", "mmshap_sample"]
-  for stage in meta.UPSTREAM:
+  assert "clip_pretrain" not in config.stages  # Only the fashion variants pretrain a tower.
+  for stage in config.stages:
     assert all(os.path.isfile(path) for path in meta.final_outputs(workdir, stage))
   with open(os.path.join(workdir, "mmbt", "metrics.json")) as f:
     mmbt_test = json.load(f)["test"]
   assert report["methods"]["mmbt"] == pytest.approx(mmbt_test)
-  for name in ("metrics.json", "report.md", "confusion_matrix.png", "config.json"):
+  for name in ("metrics.json", "report.md", "confusion_matrix.png", "per_class_f1.png", "config.json"):
     assert os.path.getsize(os.path.join(workdir, "meta", name)) > 0
 
   assert meta.run_upstream(config, workdir) == []  # Everything finished is reused.
