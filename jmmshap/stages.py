@@ -141,6 +141,9 @@ def resolve_workdir_paths(config: ml_collections.ConfigDict, workdir: str) -> ml
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Validates the config (every problem at once, before any work), then runs its stage."""
+  from jmmshap import validation  # pylint: disable=g-import-not-at-top
+  validation.validate(config)
   if config.stage == "clip_pretrain":
     from jmmshap import clip_pretrain  # pylint: disable=g-import-not-at-top
     return clip_pretrain.run(config, workdir)
