@@ -283,6 +283,28 @@ def test_unsupported_bert_variant_names_config_key(backbone_checkpoint, tmp_path
     jmmshap.models.from_pretrained(relative)
 
 
+class _RunsCodeWhenUnpickled:
+  """A pickle payload that would create a file if its code ran (as a malicious checkpoint would)."""
+
+  def __init__(self, marker: str):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
+def test_pickle_that_would_run_code_is_refused_and_never_executed(backbone_checkpoint, tmp_path):
+  folder, torch_model = backbone_checkpoint
+  torch_model.config.save_pretrained(tmp_path)
+  marker = tmp_path / "code_ran"
+  state = dict(torch_model.state_dict(), payload=_RunsCodeWhenUnpickled(str(marker)))
+  torch.save(state, tmp_path / "pytorch_model.bin")
+  with pytest.raises(CheckpointError, match="pytorch_model.bin: refused, the pickle holds objects "
+                     "other than tensors"):
+    jmmshap.models.from_pretrained(str(tmp_path))
+  assert not marker.exists()
+
+
 def test_pytorch_bin_without_torch_asks_for_safetensors(backbone_checkpoint, tmp_path, monkeypatch):
   folder, torch_model = backbone_checkpoint
   torch_model.config.save_pretrained(tmp_path)

@@ -182,10 +182,11 @@ def test_ids_in_another_order_are_aligned_but_other_ids_are_refused(tmp_path):
     meta.load_base_outputs(workdir, "test")
 
 
-def test_nan_logits_name_the_file_row_and_id(tmp_path):
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_logits_name_the_file_row_and_id(tmp_path, bad_value):
   workdir = _fake_workdir(str(tmp_path))
   data = dict(np.load(os.path.join(workdir, "text", "logits_validation.npz")))
-  data["logits"][5, 1] = np.nan
+  data["logits"][5, 1] = bad_value
   _write_logits(workdir, "text", "validation", data["logits"], data["labels"], data["ids"])
   with pytest.raises(ValueError, match=r"text/logits_validation.npz: 1 of 24 rows of logits are NaN "
                                        r"or infinite \(first: row 5, id 'validation-5'\)"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,7 +92,15 @@ def _read_torch_file(path: str) -> dict[str, np.ndarray]:
         f"{path} is a PyTorch pickle and torch is not installed. Convert it to safetensors once "
         "(`model.save_pretrained(folder, safe_serialization=True)` where torch is available) and "
         "point at the folder holding model.safetensors.") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    # weights_only=True unpickles tensors and containers only: a pickle that would build any other
+    # object (and so could run code) is refused, never executed.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(
+        f"{path}: refused, the pickle holds objects other than tensors, and loading it would run "
+        f"code from the file ({str(e).splitlines()[0][:200]}). Only if you trust its origin, convert "
+        "it to safetensors where torch is available and point at that instead.") from e
   if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
     state = state["state_dict"]
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
