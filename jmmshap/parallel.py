@@ -7,19 +7,68 @@ the global array.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
+# The variables by which `jax.distributed.initialize()` recognises a SLURM job step or an Open MPI job.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_OPEN_MPI = "OMPI_MCA_orte_hnp_uri"
+
+
+def cluster_process_count() -> int | None:
+  """How many processes the SLURM step or Open MPI job running this one has; None outside both."""
+  if all(name in os.environ for name in _SLURM_STEP):
+    return int(os.environ["SLURM_NTASKS"])
+  if _OPEN_MPI in os.environ:
+    return int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
+  return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None) -> bool:
+  """Starts `jax.distributed` when asked to or when launched as one of several cluster processes.
+
+  Must run before anything touches a device. Arguments left None are detected from the SLURM or Open
+  MPI environment by JAX itself; `num_processes=1` forces a single process even inside such a job.
+  Returns whether the distributed runtime was started.
+  """
+  if num_processes == 1:
+    return False
+  detected = cluster_process_count()
+  asked = (coordinator_address, num_processes, process_id, local_device_ids) != (None,) * 4
+  if not asked and (detected or 1) == 1:
+    return False
+  if detected is None:
+    missing = [f"--{name}" for name, value in (
+        ("coordinator_address", coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")),
+        ("num_processes", num_processes), ("process_id", process_id)) if value is None]
+    if missing:
+      raise ValueError(f"multi-process training outside SLURM or Open MPI needs {', '.join(missing)} "
+                       "as well (the same coordinator address and process count on every process).")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id,
+                             local_device_ids=list(local_device_ids) if local_device_ids else None)
+  return True
+
+
 def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  """A 1-D mesh over every device of every process, ordered by process.
+
+  Process p's devices hold the p-th block of rows of a global batch, the rows
+  `input_pipeline.process_slice` has it read and `multihost_utils.process_allgather` puts p-th.
+  """
+  devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -53,4 +102,20 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  """The same values, built alike by every process (same seed, same checkpoint), on every device.
+
+  With several processes each one contributes its own copy: `jax.device_put` cannot send typed PRNG
+  keys (nnx dropout streams) to other processes' devices, and would compare every leaf across
+  processes first.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(value):
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+      key_data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(value)))
+      return jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(value))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(value))
+
+  return jax.tree.map(put, tree)

@@ -157,13 +157,32 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, directory: str,
               _iterate(train_source, batch_size=1024))
     tokenizer = TitleTokenizer.train(titles, vocab_size=config.data.vocab_size, max_length=max_length)
   if jax.process_index() == 0:
-    tokenizer.save(saved)
+    write_atomically(saved, tokenizer.save)
   return tokenizer
 
 
 def _iterate(source: input_pipeline.RecordSource, batch_size: int) -> Iterator[dict]:
   for start in range(0, len(source), batch_size):
     yield from input_pipeline.read_records(source, range(start, min(start + batch_size, len(source))))
+
+
+def write_atomically(path: str, write: Callable[[str], Any]) -> None:
+  """`write(partial)` then a rename over `path`: a run killed mid-write leaves the old file or none.
+
+  A resumed run reads tokenizer.json back, and later stages read config.json and the outputs; half a
+  file would break them. Another process reading `path` meanwhile sees one whole version.
+  """
+  root, extension = os.path.splitext(path)
+  partial = f"{root}.partial-{os.getpid()}{extension}"  # np.savez insists on its extension.
+  write(partial)
+  os.replace(partial, path)
+
+
+def _write_json(path: str, value: Any) -> None:
+  def write(partial):
+    with open(partial, "w") as f:
+      json.dump(value, f, indent=2)
+  write_atomically(path, write)
 
 
 def make_preprocessor(config: ml_collections.ConfigDict, stage: ClassifierStage,
@@ -182,7 +201,15 @@ class Logger:
     self.records = []
     if os.path.isfile(path):
       with open(path) as f:
-        self.records = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+      for number, line in enumerate(lines, 1):
+        try:
+          self.records.append(json.loads(line))
+        except json.JSONDecodeError:
+          if number < len(lines):
+            raise ValueError(f"{path}, line {number}: not JSON; delete or repair the line") from None
+          # A run killed mid-write; it was past any checkpoint, so truncate_after drops it anyway.
+          logging.warning("%s: ignoring the unfinished last line %r", path, line)
 
   def write(self, record: dict) -> None:
     if jax.process_index() != 0:
@@ -193,11 +220,12 @@ class Logger:
 
   def truncate_after(self, step: int) -> None:
     """A resumed run drops what its killed predecessor logged past the checkpoint it restarts from."""
-    kept = [r for r in self.records if r.get("step", 0) <= step]
-    if len(kept) != len(self.records) and jax.process_index() == 0:
-      self.records = kept
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+    self.records = [r for r in self.records if r.get("step", 0) <= step]
+    if jax.process_index() == 0 and os.path.isfile(self.path):
+      def write(partial):
+        with open(partial, "w") as f:
+          f.writelines(json.dumps(r) + "\n" for r in self.records)
+      write_atomically(self.path, write)
 
 
 def evaluate(eval_step: Callable, params: Any, model_state: Any,
@@ -230,12 +258,19 @@ def evaluate(eval_step: Callable, params: Any, model_state: Any,
 
 
 def _checkpoint_managers(directory: str, config: ml_collections.ConfigDict):
+  """Resumable train states and the best model.
+
+  Orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
+  complete, and deletes old steps only after that, so a run killed mid-save still has its previous
+  checkpoint; `latest_step` never sees the unfinished one, and the restarted run deletes it.
+  """
   latest = ocp.CheckpointManager(
       os.path.join(directory, "checkpoints"), item_names=("state",),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2), create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2), create=True,
+                                           cleanup_tmp_directories=True))
   best = ocp.CheckpointManager(
       os.path.join(directory, "best"), item_names=("model", "metrics"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True))
   return latest, best
 
 
@@ -300,11 +335,12 @@ def write_outputs(directory: str, results: dict[str, dict[str, np.ndarray]], cla
     report[split] = metrics.classification_metrics(result["labels"], result["logits"].argmax(-1),
                                                    num_classes)
     if jax.process_index() == 0:
-      np.savez(os.path.join(directory, f"logits_{split}.npz"), logits=result["logits"],
-               labels=result["labels"], ids=result["ids"], class_names=np.asarray(class_names))
+      arrays = {"logits": result["logits"], "labels": result["labels"], "ids": result["ids"],
+                "class_names": np.asarray(class_names)}
+      write_atomically(os.path.join(directory, f"logits_{split}.npz"),
+                       lambda partial, arrays=arrays: np.savez(partial, **arrays))
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "metrics.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    _write_json(os.path.join(directory, "metrics.json"), report)
   return report
 
 
@@ -318,7 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   directory = stage_dir(workdir, stage.name)
   os.makedirs(directory, exist_ok=True)
   mesh = parallel.make_mesh()
-  builder = builders.prepare(config.data)
+  # Process 0 builds the dataset alone; the others then find it ready (on a shared disk) or build
+  # their own copy, never racing process 0 into the same directory.
+  if jax.process_index() == 0:
+    builder = builders.prepare(config.data)
+  multihost_utils.sync_global_devices("jmmshap: dataset prepared")
+  if jax.process_index() != 0:
+    builder = builders.prepare(config.data)
   # A text-only stage never looks at the photos: leave them encoded instead of decoding every one.
   decoders = None if stage.uses_image else {"image": tfds.decode.SkipDecoding()}
   sources = {split: builder.as_data_source(split, decoders=decoders) for split in SPLITS}
@@ -329,8 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preprocess = make_preprocessor(config, stage, tokenizer)
 
   if jax.process_index() == 0:
-    with open(os.path.join(directory, CLASS_NAMES_FILE), "w") as f:
-      json.dump(class_names, f)
+    _write_json(os.path.join(directory, CLASS_NAMES_FILE), class_names)
   model = stage.build_model(config, num_classes, tokenizer)
   model.train()
   train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
@@ -380,21 +421,25 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
 
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
            "opt_state": optimizer.init(params)}
-  state = jax.device_put(state, replicated)
+  state = parallel.replicate(state, mesh)
   start_step = latest_manager.latest_step() or 0
   logger = Logger(os.path.join(directory, "log.jsonl"))
+  # A run killed before its first checkpoint may still have logged and saved a best model: replaying
+  # the same steps reproduces both, so only the log needs trimming.
+  logger.truncate_after(start_step)
   best_f1 = -1.0
+  if best_manager.latest_step() is not None:
+    best_f1 = best_manager.restore(best_manager.latest_step(), args=ocp.args.Composite(
+        metrics=ocp.args.JsonRestore()))["metrics"]["f1_macro"]
   if start_step:
     state = latest_manager.restore(start_step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(state, replicated))))["state"]
-    logger.truncate_after(start_step)
-    if best_manager.latest_step() is not None:
-      best_f1 = best_manager.restore(best_manager.latest_step(), args=ocp.args.Composite(
-          metrics=ocp.args.JsonRestore()))["metrics"]["f1_macro"]
     logging.info("%s: resumed from step %d of %d", stage.name, start_step, total_steps)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+    def write_config(partial):
+      with open(partial, "w") as f:
+        f.write(config.to_json(indent=2))
+    write_atomically(os.path.join(directory, "config.json"), write_config)
   if start_step >= total_steps:
     return
 

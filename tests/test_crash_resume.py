@@ -1,0 +1,89 @@
+"""Crash safety: a run killed with SIGKILL, restarted with the same command, ends where an
+uninterrupted run does; a save cut short never costs the checkpoint before it."""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import train_subprocess
+
+from jmmshap import builders
+
+STEPS = {"total_steps": 30, "eval_every_steps": 30, "checkpoint_every_steps": 5,
+         "log_every_steps": 5}
+TOTAL = STEPS["total_steps"]
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+  """An uninterrupted run, and the same command SIGKILLed after its first checkpoint, then rerun."""
+  root = tmp_path_factory.mktemp("crash")
+  overrides = {**train_subprocess.TINY_TEXT, **STEPS, "data.data_dir": str(root / "tfds")}
+  builders.prepare(train_subprocess.text_config_with(overrides).data)
+  # The runs share compiled programs: only the first one compiles.
+  env = train_subprocess.cpu_env(device_count=2, compilation_cache=str(root / "jax_cache"))
+
+  def run(workdir, name):
+    log = str(root / f"{name}.log")
+    train_subprocess.finish(train_subprocess.start(
+        train_subprocess.train_command(workdir, overrides), env, log), log)
+    with open(log, errors="replace") as f:
+      return f.read()
+
+  uninterrupted = str(root / "uninterrupted")
+  run(uninterrupted, "uninterrupted")
+
+  workdir = str(root / "killed")
+  stage = os.path.join(workdir, "text")
+  process = train_subprocess.start(train_subprocess.train_command(workdir, overrides), env,
+                                   str(root / "killed.log"))
+  deadline = time.monotonic() + 300
+  while process.poll() is None and not train_subprocess.finished_steps(
+      os.path.join(stage, "checkpoints")):
+    assert time.monotonic() < deadline, "no checkpoint within 300 s"
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  good = train_subprocess.finished_steps(os.path.join(stage, "checkpoints"))[-1]
+  assert good < TOTAL and not os.path.exists(os.path.join(stage, "metrics.json"))
+
+  # What a kill inside Orbax's save leaves, unless this kill already did: the next step's files,
+  # half written, in the temporary folder that becomes "<step>" only once complete; in best/ too.
+  cut_short = [os.path.join(stage, folder, f"{good + STEPS['checkpoint_every_steps']}"
+                                           ".orbax-checkpoint-tmp") for folder in ("checkpoints", "best")]
+  for partial in cut_short:
+    if not os.path.exists(partial):
+      shutil.copytree(os.path.join(stage, "checkpoints", str(good)), partial)
+      for parent, _, files in os.walk(partial):
+        for name in files:
+          path = os.path.join(parent, name)
+          os.truncate(path, os.path.getsize(path) // 2)
+
+  output = run(workdir, "restarted")
+  return uninterrupted, workdir, good, cut_short, output
+
+
+def test_sigkilled_run_restarted_ends_with_the_uninterrupted_params(restarted):
+  uninterrupted, workdir, _, _, _ = restarted
+  for ours, theirs in zip(train_subprocess.checkpoint_params(workdir, TOTAL),
+                          train_subprocess.checkpoint_params(uninterrupted, TOTAL), strict=True):
+    np.testing.assert_array_equal(ours, theirs)
+  reports = []
+  for directory in (workdir, uninterrupted):
+    with open(os.path.join(directory, "text", "metrics.json")) as f:
+      reports.append(json.load(f))
+  assert reports[0] == reports[1]
+  with open(os.path.join(workdir, "text", "log.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+  assert steps == list(range(5, TOTAL + 1, 5))  # Nothing logged twice, nothing lost.
+
+
+def test_save_cut_short_leaves_the_previous_checkpoint_to_resume_from(restarted):
+  _, _, good, cut_short, output = restarted
+  assert f"resumed from step {good} of {TOTAL}" in output
+  assert not any(os.path.exists(path) for path in cut_short)  # Deleted, never restored.

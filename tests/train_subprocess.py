@@ -1,0 +1,106 @@
+"""train.py in subprocesses of its own, for what one test process cannot do: several JAX processes,
+and a run killed with SIGKILL.
+
+Shared by test_distributed.py and test_crash_resume.py (not a test module itself).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from configs import text as text_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "train.py")
+
+# A 1-layer BERT of width 16 on 72 toyshop titles: seconds per run, all of it compilation.
+TINY_TEXT = {
+    "data.toyshop.train_per_class": 6, "data.toyshop.validation_per_class": 2,
+    "data.toyshop.test_per_class": 3, "data.max_length": 12, "data.vocab_size": 200,
+    "model.hidden_size": 16, "model.num_hidden_layers": 1, "model.num_attention_heads": 2,
+    "model.intermediate_size": 32, "batch_size": 16, "eval_batch_size": 16,
+}
+
+
+def text_config_with(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The toyshop text config with dotted-key overrides, as `--config.a.b=v` flags would set them."""
+  config = text_config.get_config("toyshop")
+  for key, value in overrides.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def train_command(workdir: str, overrides: Mapping[str, Any], *flags: str) -> list[str]:
+  return [sys.executable, TRAIN, "--config=configs/text.py", f"--workdir={workdir}",
+          *(f"--config.{key}={value}" for key, value in overrides.items()), *flags]
+
+
+def cpu_env(device_count: int, compilation_cache: str | None = None) -> dict[str, str]:
+  """This process's environment with `device_count` CPU devices and, optionally, a compilation cache
+  shared by the runs of one test (identical programs then compile once)."""
+  env = dict(os.environ)
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count} {xla_flags}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TFDS_DISABLE_GCS"] = "1"
+  if compilation_cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=compilation_cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def start(command: Sequence[str], env: Mapping[str, str], log_path: str) -> subprocess.Popen:
+  """A training process writing its output to `log_path` (read back by `finish` on failure)."""
+  with open(log_path, "wb") as log:
+    return subprocess.Popen(command, cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log_path: str, timeout: float = 300) -> None:
+  """Waits for a training process and fails with the end of its log unless it succeeded."""
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+  if process.returncode != 0:
+    with open(log_path, errors="replace") as f:
+      tail = f.read()[-4000:]
+    raise AssertionError(f"{' '.join(process.args)} exited with {process.returncode}:\n{tail}")
+
+
+def free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
+def finished_steps(checkpoints: str) -> list[int]:
+  """Steps Orbax has finalised in a checkpoints folder (in-progress saves end in .orbax-checkpoint-tmp)."""
+  if not os.path.isdir(checkpoints):
+    return []
+  return sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+
+
+def checkpoint_params(workdir: str, step: int) -> list[np.ndarray]:
+  """The params of a text-stage checkpoint as host arrays, whatever process layout saved them."""
+  path = os.path.join(workdir, "text", "checkpoints", str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return jax.tree.leaves(checkpointer.restore(path, restore_args=as_numpy)["params"])
