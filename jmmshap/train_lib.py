@@ -40,7 +40,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jmmshap import input_pipeline, metrics, parallel, plots
+from jmmshap import checkpoints, input_pipeline, metrics, parallel, plots
 from jmmshap.tokenizer import TOKENIZER_FILE, TitleTokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -257,6 +257,11 @@ def evaluate(eval_step: Callable, params: Any, model_state: Any,
   return {"logits": logits, "labels": labels, "ids": ids.astype(str)}
 
 
+def _best_handlers() -> dict:
+  # Handlers (not just item names) so that a checkpoint's metadata can be read before restoring.
+  return {"model": ocp.StandardCheckpointHandler(), "metrics": ocp.JsonCheckpointHandler()}
+
+
 def _checkpoint_managers(directory: str, config: ml_collections.ConfigDict):
   """Resumable train states and the best model.
 
@@ -265,11 +270,12 @@ def _checkpoint_managers(directory: str, config: ml_collections.ConfigDict):
   checkpoint; `latest_step` never sees the unfinished one, and the restarted run deletes it.
   """
   latest = ocp.CheckpointManager(
-      os.path.join(directory, "checkpoints"), item_names=("state",),
+      os.path.join(directory, "checkpoints"),
+      item_handlers={"state": ocp.StandardCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2), create=True,
                                            cleanup_tmp_directories=True))
   best = ocp.CheckpointManager(
-      os.path.join(directory, "best"), item_names=("model", "metrics"),
+      os.path.join(directory, "best"), item_handlers=_best_handlers(),
       options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True))
   return latest, best
 
@@ -277,11 +283,12 @@ def _checkpoint_managers(directory: str, config: ml_collections.ConfigDict):
 def restore_best(directory: str, abstract_model: dict) -> tuple[dict, dict]:
   """(params + model_state, validation metrics) of the best checkpoint of a stage."""
   path = os.path.join(directory, "best")
-  manager = ocp.CheckpointManager(path, item_names=("model", "metrics"))
+  manager = ocp.CheckpointManager(path, item_handlers=_best_handlers())
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint to restore; train the stage first "
                             "(run without --config.mode=eval).")
+  checkpoints.check_matches(manager, step, "model", abstract_model, path)
   restored = manager.restore(step, args=ocp.args.Composite(
       model=ocp.args.StandardRestore(abstract_model), metrics=ocp.args.JsonRestore()))
   manager.close()
@@ -432,8 +439,11 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
     best_f1 = best_manager.restore(best_manager.latest_step(), args=ocp.args.Composite(
         metrics=ocp.args.JsonRestore()))["metrics"]["f1_macro"]
   if start_step:
+    abstract_state = _abstract(state, replicated)
+    checkpoints.check_matches(latest_manager, start_step, "state", abstract_state,
+                              os.path.join(directory, "checkpoints"))
     state = latest_manager.restore(start_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state, replicated))))["state"]
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
     logging.info("%s: resumed from step %d of %d", stage.name, start_step, total_steps)
   if jax.process_index() == 0:
     def write_config(partial):

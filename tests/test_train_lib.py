@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import text as text_config
-from jmmshap import metrics, stages, train_lib
+from jmmshap import checkpoints, metrics, stages, train_lib
 
 
 def _tiny_text_config(data_dir: str) -> ml_collections.ConfigDict:
@@ -95,6 +95,17 @@ def test_eval_mode_restores_the_best_checkpoint_and_reproduces_metrics(trained):
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.mode = "eval"
   assert stages.run(eval_config, workdir) == report
+
+
+def test_eval_mode_with_another_model_config_names_the_differing_parameters(trained):
+  config, _, workdir, _ = trained
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.mode = "eval"
+  other.model.intermediate_size = 48
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r"(?s)text/best \(step \d\) was written by a model of another config:\n.*"
+                           r"intermediate/kernel: \(16, 32\) in the checkpoint, \(16, 48\) in the model"):
+    stages.run(other, workdir)
 
 
 def test_optimizer_decays_matrices_but_not_biases():
