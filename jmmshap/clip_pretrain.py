@@ -266,8 +266,8 @@ def _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, 
                  "opt_state": opt_state}
     return new_state, {"loss": loss, "accuracy": batch_metrics(logits, batch["label"])["accuracy"]}
 
-  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params,
-                          "opt_state": optimizer.init(params)}, replicated)
+  state = parallel.replicate({"step": jnp.zeros((), jnp.int32), "params": params,
+                              "opt_state": optimizer.init(params)}, mesh)
   start_step = latest_manager.latest_step() or 0
   logger = train_lib.Logger(os.path.join(directory, "log.jsonl"))
   best_loss = math.inf

@@ -25,11 +25,13 @@ slot plus a mask over the P slots, and maps players to tokens through traced per
 packed back to back across the examples of a group, so small games share chunks; the rows are
 sharded over the `data` mesh axis and the vision tower runs once per example.
 
-Values. Each row returns the model's output for every class (logits, or log-probabilities with
-`value='log_prob'`). An example's coalitions run from the full one down to the empty one, so its
-first chunk gives the prediction on the full input and fixes the explained class (by default that
-prediction); only that class's 2**p values are kept, and reduced on the host in float64 by
-`shapley.shapley_from_values`. Above `max_exact_players` players the values are estimated by
+Values. Each row returns the model's output for every class (logits, log-probabilities with
+`value='log_prob'`, or log-odds with `value='log_odds'`). An example's coalitions run from the full
+one down to the empty one, so its first chunk gives the prediction on the full input and fixes the
+explained class (by default that prediction); only that class's 2**p values are kept, and reduced on
+the host in float64 by `shapley.shapley_from_values`. `value='contrast'` keeps instead a fixed
+combination of every class's logits, `contrast_weights`: the target against the rivals the model
+weighed on the full input. Above `max_exact_players` players the values are estimated by
 KernelSHAP through `shapley.shapley` with the same compiled forward (only the sampler's small mask
 programs compile per p); sampled examples run one at a time.
 """
@@ -64,7 +66,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 
 TEXT, IMAGE, NO_PLAYER = 0, 1, -1  # player_modality codes.
 TEXT_GROUPINGS = ("words", "tokens")
-VALUES = ("logit", "log_prob")
+VALUES = ("logit", "log_prob", "log_odds", "contrast")
 TARGETS = ("predicted", "label")
 METHODS = ("auto", "exact", "kernel", "permutation")
 SPLITS = ("validation", "test")
@@ -86,7 +88,7 @@ class Options:
   text_players: str = "words"
   tokens_per_player: int = 1
   max_text_players: int = 0  # 0: no limit.
-  value: str = "logit"
+  value: str = "logit"  # Or 'log_prob', 'log_odds', 'contrast' (see the module docstring).
   method: str = "auto"
   max_exact_players: int = 16
   budget: int = 0
@@ -237,6 +239,45 @@ def with_masking(model: mmbt_lib.MMBT, text_masking: str | None = None,
 
 
 # --------------------------------------------------------------------------------------------------
+# Values.
+
+
+def class_values(logits: jax.Array, value: str) -> jax.Array:
+  """(K, C) game value of every class from the logits (K, C) of K coalitions.
+
+  'log_odds' is log(p_c / (1 - p_c)) = z_c - logsumexp_{j != c} z_j, taken per class over the
+  other logits directly, so it stays exact where p_c rounds to 1. 'contrast' is combined on the
+  host (`contrast_weights`), so its rows are the logits.
+  """
+  if value == "log_prob":
+    return jax.nn.log_softmax(logits, axis=-1)
+  if value == "log_odds":
+    num_classes = logits.shape[-1]
+    others = jnp.where(jnp.eye(num_classes, dtype=bool), -jnp.inf, logits[..., None, :])
+    return logits - jax.nn.logsumexp(others, axis=-1)
+  return logits
+
+
+def contrast_weights(full_logits: np.ndarray, target: int) -> np.ndarray:
+  """Weights w (C,) of the 'contrast' value w . z = z_target - sum_{j != target} q_j z_j.
+
+  q is the full input's softmax over the classes other than the target: the rivals the model
+  weighed for this example. Evidence that raises the target together with those rivals (e.g. that
+  narrows the catalogue to a family of similar classes) cancels, so the game credits what separates
+  the target from its rivals: "why this class rather than the ones it was confused with". q is fixed
+  per example, so the value is linear in the logits and its Shapley values are the same
+  combination of the classes' logit Shapley values.
+  """
+  full_logits = np.asarray(full_logits, np.float64)
+  others = np.arange(full_logits.shape[-1]) != target
+  rivals = full_logits[others] - full_logits[others].max()
+  weights = np.zeros_like(full_logits)
+  weights[others] = -np.exp(rivals) / np.exp(rivals).sum()
+  weights[target] = 1.0
+  return weights
+
+
+# --------------------------------------------------------------------------------------------------
 # The compiled programs: shared by every explainer of the same model structure.
 
 
@@ -269,7 +310,7 @@ def _values_program(graphdef: nnx.GraphDef, treedef: Any, value: str) -> Callabl
     logits = model(rows("input_ids"), rows("attention_mask"), rows("token_type_ids"),
                    image_features=image_features, text_keep=text_keep,
                    image_keep=image_keep)["logits"].astype(jnp.float32)
-    return jax.nn.log_softmax(logits, axis=-1) if value == "log_prob" else logits
+    return class_values(logits, value)
 
   return coalition_values
 
@@ -308,9 +349,11 @@ class Explainer:
     evaluated.eval()
     graphdef, state = nnx.split(evaluated)
     leaves, treedef = jax.tree.flatten(state)
-    self.leaves = jax.device_put(leaves, parallel.replicated(self.mesh))
+    self.leaves = parallel.replicate(leaves, self.mesh)
     self._image_features = _image_program(graphdef, treedef)
-    self._coalition_values = _values_program(graphdef, treedef, options.value)
+    # 'contrast' combines the logits on the host: its device program is the logits' one.
+    self._coalition_values = _values_program(
+        graphdef, treedef, "logit" if options.value == "contrast" else options.value)
     self.num_image_players = model.config.num_image_embeddings
     self.rows_sharding = parallel.data_sharded(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
@@ -435,9 +478,11 @@ class Explainer:
         if position not in tables:  # The example's first chunk: its full coalition is here.
           full_values = values[rows][coalitions[rows] == counts[position] - 1][0]
           target, prediction = choose(slots[position], full_values)
-          tables[position] = (np.empty(counts[position]), target, prediction, full_values)
-        table, target, prediction, _ = tables[position]
-        table[coalitions[rows]] = values[rows, target]
+          weights = self._target_weights(full_values, target)
+          tables[position] = (np.empty(counts[position]), target, prediction, weights)
+        table, target, prediction, weights = tables[position]
+        table[coalitions[rows]] = (values[rows, target] if weights is None
+                                   else np.asarray(values[rows], np.float64) @ weights)
         filled[position] += rows.sum()
         if filled[position] == counts[position]:
           del tables[position]
@@ -482,9 +527,19 @@ class Explainer:
     except ValueError as error:
       raise ValueError(f"example {example_id!r} ({num_players} players): {error}") from error
     value_full, value_empty = np.asarray(result.value_full), np.asarray(result.value_empty)
+    phi = np.asarray(result.phi)
     target, prediction = choose(slot, value_full)
-    finish(slot, np.asarray(result.phi)[:, target], False, target, prediction, value_full[target],
-           value_empty[target], result.num_evaluations)
+    weights = self._target_weights(value_full, target)
+    if weights is None:
+      phi, value_full, value_empty = phi[:, target], value_full[target], value_empty[target]
+    else:  # Shapley values are linear in the value: combine the classes' phi.
+      phi, value_full, value_empty = (np.asarray(x, np.float64) @ weights
+                                      for x in (phi, value_full, value_empty))
+    finish(slot, phi, False, target, prediction, value_full, value_empty, result.num_evaluations)
+
+  def _target_weights(self, full_values: np.ndarray, target: int) -> np.ndarray | None:
+    """Weights over the classes' values that make the game (None: the target's value alone)."""
+    return contrast_weights(full_values, target) if self.options.value == "contrast" else None
 
   def _values(self, group, row_example: np.ndarray, masks: np.ndarray) -> jax.Array:
     return self._coalition_values(self.leaves, group, _put(row_example, self.rows_sharding),
