@@ -30,7 +30,7 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
       name="adamw", learning_rate=1e-3, weight_decay=0.1, b2=0.98, warmup_fraction=0.1,
       schedule="cosine", grad_clip_norm=1.0))
   config.batch_size = 64 if arg == "toyshop" else 256  # In-batch negatives: larger is harder.
-  config.num_epochs = 10 if arg == "toyshop" else 2
+  config.num_epochs = 10 if arg == "toyshop" else 1
   if arg == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 5
   return config
