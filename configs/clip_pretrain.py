@@ -17,7 +17,7 @@ from configs import common
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config = common.base_config("clip_pretrain", arg)
-  config.data.max_length = 16 if arg == "toyshop" else 24
+  config.data.max_length = 16 if arg == "toyshop" else 20
   config.data.tokenizer = ml_collections.config_dict.placeholder(str)  # None: the text tower's.
   config.data.image_mean = common.CLIP_MEAN
   config.data.image_std = common.CLIP_STD

@@ -26,7 +26,7 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.num_epochs = 8
   if arg in common.FASHION:
     config.batch_size = 128
-    config.num_epochs = 3
+    config.num_epochs = 2
   if arg == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 4
   return config
