@@ -26,6 +26,10 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Processes taking part; 1 forces a single process inside a cluster job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes-1.")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None, "Persistent XLA compilation cache (a local or shared folder): a "
+    "rerun, a resumed run or another stage with the same shapes skips compiling. Default: off, "
+    "unless JAX_COMPILATION_CACHE_DIR is set.")
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "GPUs this process drives, e.g. 0,1,2,3,4,5,6,7 for one process per "
     "host under SLURM, where JAX otherwise gives each task one GPU.")
@@ -37,6 +41,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Orbax reports every file it touches at INFO; keep the log about the run.
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+  if _COMPILATION_CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE_DIR.value)
   local_device_ids = ([int(i) for i in _LOCAL_DEVICE_IDS.value]
                       if _LOCAL_DEVICE_IDS.value is not None else None)
   parallel.initialize_distributed(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

@@ -289,14 +289,15 @@ def _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, 
 
   train_step = jax.jit(train_step, in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
-  batches = input_pipeline.prefetch(input_pipeline.train_batches(
-      photos["train"], pairs["train"], global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step))
+  batches = input_pipeline.prefetch(
+      input_pipeline.train_batches(photos["train"], pairs["train"], global_batch_size=config.batch_size,
+                                   seed=config.seed, start_step=start_step),
+      transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
   progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   pending, window_start = [], time.perf_counter()
   for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics = train_step(state, parallel.to_global(next(batches), mesh))
+    state, step_metrics = train_step(state, next(batches))
     pending.append(step_metrics)  # Read back only at log intervals: no host sync per step.
     progress.update(1)
     if step % log_every == 0 or step == total_steps:

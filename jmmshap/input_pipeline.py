@@ -134,8 +134,13 @@ def eval_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Ba
     yield batch
 
 
-def prefetch(batches: Iterator[Batch], size: int = 2) -> Iterator[Batch]:
-  """Prepares the next batches in a background thread while the devices work on the current one."""
+def prefetch(batches: Iterator[Batch], size: int = 2,
+             transform: Callable[[Batch], Any] | None = None) -> Iterator[Any]:
+  """Prepares the next batches in a background thread while the devices work on the current one.
+
+  `transform` runs in that thread too: with the host-to-device copy (`parallel.to_global`) as the
+  transform, batch n+1 is already on the devices when step n ends.
+  """
   buffer: queue.Queue = queue.Queue(maxsize=size)
   done = object()
   stop = threading.Event()
@@ -143,6 +148,8 @@ def prefetch(batches: Iterator[Batch], size: int = 2) -> Iterator[Batch]:
   def produce():
     try:
       for batch in batches:
+        if transform is not None:
+          batch = transform(batch)
         while not stop.is_set():
           try:
             buffer.put(batch, timeout=0.1)

@@ -456,14 +456,15 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
   train_step = jax.jit(make_train_step(graphdef, stage.inputs, optimizer),
                        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                        donate_argnums=0)
-  batches = input_pipeline.prefetch(input_pipeline.train_batches(
-      sources["train"], preprocess, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step))
+  batches = input_pipeline.prefetch(
+      input_pipeline.train_batches(sources["train"], preprocess, global_batch_size=config.batch_size,
+                                   seed=config.seed, start_step=start_step),
+      transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
   progress = tqdm(total=total_steps, initial=start_step, desc=stage.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   pending, window_start, window_steps = [], time.perf_counter(), 0
   for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics = train_step(state, parallel.to_global(next(batches), mesh))
+    state, step_metrics = train_step(state, next(batches))
     pending.append(step_metrics)  # Stays on device until the next log interval.
     window_steps += 1
     progress.update(1)

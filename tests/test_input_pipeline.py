@@ -92,3 +92,15 @@ def test_batches_are_sharded_over_the_data_axis(source, preprocess):
 def test_batch_size_must_split_over_devices():
   with pytest.raises(ValueError, match="multiple of 2"):
     parallel.check_batch_size(5)
+
+
+def test_prefetch_applies_the_transform_in_order_and_passes_errors_on():
+  batches = iter([{"x": np.full(2, i)} for i in range(5)])
+  moved = list(input_pipeline.prefetch(batches, transform=lambda b: b["x"].sum()))
+  assert moved == [0, 2, 4, 6, 8]
+
+  def failing():
+    yield {"x": np.zeros(2)}
+    raise OSError("disk gone")
+  with pytest.raises(OSError, match="disk gone"):
+    list(input_pipeline.prefetch(failing(), transform=lambda b: b))
