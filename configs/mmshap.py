@@ -29,7 +29,10 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.max_examples = 0  # Per split; 0: all.
 
   # The game: the explained class ('predicted' on the full input, 'label', or a class name) and its
-  # value, the logit ('logit', as in the MM-SHAP paper) or the log-probability ('log_prob').
+  # value: the logit ('logit', as in the MM-SHAP paper), the log-probability ('log_prob'), the
+  # log-odds ('log_odds': the logit minus the logsumexp of the other logits), or 'contrast': the
+  # logit minus the other logits weighted by the full input's probabilities of them, which credits
+  # what separates the class from the rivals the model weighed (jmmshap.mmshap.contrast_weights).
   config.target = "predicted"
   config.value = "logit"
   # Text players: 'words', or runs of `tokens_per_player` tokens ('tokens'). Titles with more than

@@ -217,6 +217,65 @@ def test_log_prob_of_a_given_class_is_explained_instead_of_the_predicted_logit(m
     np.testing.assert_allclose(result.value_full[row], table[-1, targets[row]], rtol=1e-5)
 
 
+def test_log_odds_is_the_target_logit_against_the_logsumexp_of_the_other_logits(model):
+  batch = make_batch([[1, 1, 1], [2, 1]], seed=1)
+  options = dataclasses.replace(OPTIONS, value="log_odds")
+  result = mmshap.Explainer(model, options).explain(batch)
+  for row in range(2):
+    logits = unpadded_table(model, batch, row)
+    target = int(logits[-1].argmax())
+    probability = np.exp(logits[:, target] - np.logaddexp.reduce(logits, axis=1))
+    log_odds = np.log(probability) - np.log1p(-probability)
+    expected = shapley.shapley_from_values(log_odds)
+    assert result.targets[row] == target
+    np.testing.assert_allclose(result.phi[row, :len(expected)], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.value_full[row], log_odds[-1], rtol=1e-5)
+
+
+def test_log_odds_stay_finite_where_the_probability_rounds_to_one():
+  logits = jnp.asarray([[40.0, 0.0, -1.0]])
+  values = np.asarray(mmshap.class_values(logits, "log_odds"))
+  np.testing.assert_allclose(values[0, 0], 40.0 - np.logaddexp(0.0, -1.0), rtol=1e-6)
+  assert np.isfinite(values).all()
+
+
+def test_contrast_weights_put_the_target_against_its_rivals_by_full_input_probability():
+  weights = mmshap.contrast_weights(np.array([3.0, 1.0, 1.0 + np.log(3.0)]), target=0)
+  np.testing.assert_allclose(weights, [1.0, -0.25, -0.75])
+  # Weights sum to 0: a shift of every logit (which leaves the probabilities alone) is no value.
+  logits = np.random.default_rng(0).normal(size=(5, 3))
+  np.testing.assert_allclose((logits + 7.0) @ weights, logits @ weights)
+
+
+def test_contrast_explains_the_rival_weighted_logit_combination(model):
+  batch = make_batch([[1, 1, 1], [2, 1]], seed=1)
+  options = dataclasses.replace(OPTIONS, value="contrast")
+  result = mmshap.Explainer(model, options).explain(batch)
+  for row in range(2):
+    logits = unpadded_table(model, batch, row)
+    target = int(logits[-1].argmax())
+    contrast = logits @ mmshap.contrast_weights(logits[-1], target)
+    expected = shapley.shapley_from_values(contrast)
+    assert result.targets[row] == target
+    np.testing.assert_allclose(result.phi[row, :len(expected)], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.value_full[row], contrast[-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.value_empty[row], contrast[0], rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_contrast_agrees_with_exact_contrast(model):
+  batch = make_batch([[1, 1, 1, 1], [1, 2, 1, 1]], seed=3)  # 6 players each.
+  contrast = dataclasses.replace(OPTIONS, value="contrast")
+  exact = mmshap.Explainer(model, contrast).explain(batch)
+  sampled = mmshap.Explainer(
+      model, dataclasses.replace(contrast, max_exact_players=4, budget=4000)).explain(batch)
+  assert exact.exact.all() and not sampled.exact.any()
+  np.testing.assert_allclose(sampled.value_full, exact.value_full, rtol=1e-5, atol=1e-6)
+  scale = np.nanmax(np.abs(exact.phi), axis=1, keepdims=True)
+  np.testing.assert_allclose(sampled.phi / scale, exact.phi / scale, atol=0.05)
+  np.testing.assert_allclose(np.nansum(sampled.phi, 1), sampled.value_full - sampled.value_empty,
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_zero_image_projection_gives_zero_v_shap(model):
   blind = tiny_mmbt(seed=1)
   blind.projection.kernel.set_value(jnp.zeros_like(blind.projection.kernel[...]))
