@@ -37,13 +37,17 @@ from jmmshap import toyshop
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_WORKDIRS = flags.DEFINE_multi_string(
-    "workdir", None, "A finished toyshop workdir, or NAME=WORKDIR to label a variant; repeatable.")
-_OUT = flags.DEFINE_string("out", None, "Where toyshop_reliance.{json,png} go.")
-_SPLIT = flags.DEFINE_enum("split", "test", ["validation", "test"], "The split whose shares to read.")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for the 95% CIs.")
-_MODALITY_TABLE = flags.DEFINE_bool(
-    "modality_table", False, "Also run each MMBT on title-only, image-only and empty inputs.")
+
+
+def _define_flags() -> None:
+  """Only when run as a script: tests import the functions beside other scripts' flags."""
+  flags.DEFINE_multi_string(
+      "workdir", None, "A finished toyshop workdir, or NAME=WORKDIR to label a variant; repeatable.")
+  flags.DEFINE_string("out", None, "Where toyshop_reliance.{json,png} go.")
+  flags.DEFINE_enum("split", "test", ["validation", "test"], "The split whose shares to read.")
+  flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for the 95% CIs.")
+  flags.DEFINE_bool(
+      "modality_table", False, "Also run each MMBT on title-only, image-only and empty inputs.")
 
 GROUP_ORDER = ("text", "both", "image")  # Plot and table order: designed share 1.0, 0.5, 0.0.
 MMSHAP_SETTINGS = ("value", "target", "text_masking", "image_masking", "text_players", "method")
@@ -327,21 +331,30 @@ def _named(workdirs: Sequence[str]) -> list[tuple[str, str]]:
   return named
 
 
+def write_reports(workdirs: Sequence[str], out: str, *, split: str = "test", bootstrap: int = 2000,
+                  with_modality_table: bool = False) -> list[dict]:
+  """toyshop_reliance.{json,png} in `out` for workdirs given as WORKDIR or NAME=WORKDIR."""
+  reports = []
+  for name, workdir in _named(workdirs):
+    report = variant_report(name, workdir, split, bootstrap)
+    if with_modality_table:
+      report["modality_table"] = modality_table(workdir, split)
+    reports.append(report)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "toyshop_reliance.json"), "w") as f:
+    json.dump(_finite_or_none({"split": split, "variants": reports}), f, indent=2)
+  plot(reports, os.path.join(out, "toyshop_reliance.png"))
+  return reports
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIRS.value or not _OUT.value:
+  args = flags.FLAGS
+  if not args.workdir or not args.out:
     raise app.UsageError("--workdir and --out are required.")
-  reports = []
-  for name, workdir in _named(_WORKDIRS.value):
-    report = variant_report(name, workdir, _SPLIT.value, _BOOTSTRAP.value)
-    if _MODALITY_TABLE.value:
-      report["modality_table"] = modality_table(workdir, _SPLIT.value)
-    reports.append(report)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "toyshop_reliance.json"), "w") as f:
-    json.dump(_finite_or_none({"split": _SPLIT.value, "variants": reports}), f, indent=2)
-  plot(reports, os.path.join(_OUT.value, "toyshop_reliance.png"))
+  reports = write_reports(args.workdir, args.out, split=args.split, bootstrap=args.bootstrap,
+                          with_modality_table=args.modality_table)
   for report in reports:
     groups = ", ".join(f"{g} {v['mean']:.3f} (designed {v['designed']:.1f})"
                        for g, v in report["groups"].items())
@@ -349,4 +362,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -116,17 +116,12 @@ def test_workdir_of_other_data_or_without_mmshap_is_named_in_the_error(tmp_path)
     reliance.load_shares(workdir, "validation")
 
 
-def test_main_writes_json_and_plot_for_several_variants(tmp_path):
+def test_reports_write_json_and_plot_for_several_variants(tmp_path):
   spec = toyshop.ToyshopSpec(num_text_classes=4, seed=3)
   near = _fake_workdir(str(tmp_path / "a"), spec, lambda info: info.text_share)
   far = _fake_workdir(str(tmp_path / "b"), spec, lambda info: 0.5)
   out = str(tmp_path / "out")
-  reliance.flags.FLAGS(["toyshop_reliance", f"--workdir=near={near}", f"--workdir=far={far}",
-                        f"--out={out}", "--bootstrap=10"])
-  try:
-    reliance.main(["toyshop_reliance"])
-  finally:
-    reliance.flags.FLAGS.unparse_flags()
+  reliance.write_reports([f"near={near}", f"far={far}"], out, bootstrap=10)
   with open(os.path.join(out, "toyshop_reliance.json")) as f:
     written = json.load(f)
   assert [v["name"] for v in written["variants"]] == ["near", "far"]
