@@ -55,7 +55,7 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   if variant in common.FASHION and not paper:
     # Sized for a 2-core CPU: the first 2 layers of MiniLM, the tower pretrained by
     # configs/clip_pretrain.py in the same workdir, and 2 image embeddings, so that exact MM-SHAP
-    # with 2 text players needs 16 coalitions per example.
+    # over the title and the 2 image embeddings needs 8 coalitions per example.
     config.data.max_length = 20  # 99% of the titles are 18 MiniLM tokens or fewer.
     config.data.tokenizer = common.MINILM
     config.init_from_text = common.MINILM
