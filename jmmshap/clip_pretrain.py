@@ -301,13 +301,9 @@ def _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, 
     pending.append(step_metrics)  # Read back only at log intervals: no host sync per step.
     progress.update(1)
     if step % log_every == 0 or step == total_steps:
-      values = jax.device_get(pending)
-      elapsed = time.perf_counter() - window_start
-      record = {"split": "train", "step": step,
-                "loss": float(np.mean([v["loss"] for v in values])),
-                "accuracy": float(np.mean([v["accuracy"] for v in values])),
-                "learning_rate": float(schedule(step - 1)),
-                "examples_per_sec": len(values) * config.batch_size / max(elapsed, 1e-9)}
+      record = train_lib.train_record(step, pending, float(schedule(step - 1)),
+                                      len(pending) * config.batch_size,
+                                      time.perf_counter() - window_start)
       logger.write(record)
       progress.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
       pending, window_start = [], time.perf_counter()

@@ -228,6 +228,17 @@ class Logger:
       write_atomically(self.path, write)
 
 
+def train_record(step: int, window: list[dict], learning_rate: float, examples: int,
+                 elapsed: float) -> dict:
+  """A log.jsonl training record: the window's mean step metrics (read from the devices only now)
+  and its throughput (None when the window timed no step)."""
+  values = jax.device_get(window)
+  return {"split": "train", "step": step,
+          **{name: float(np.mean([v[name] for v in values])) for name in values[0]},
+          "learning_rate": learning_rate,
+          "examples_per_sec": examples / max(elapsed, 1e-9) if examples else None}
+
+
 def evaluate(eval_step: Callable, params: Any, model_state: Any,
              source: input_pipeline.RecordSource, preprocess: input_pipeline.Preprocessor,
              batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
@@ -472,14 +483,8 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
       jax.block_until_ready(step_metrics)
       window_start, window_steps = time.perf_counter(), 0
     if step % log_every == 0 or step == total_steps:
-      values = jax.device_get(pending)
-      elapsed = time.perf_counter() - window_start
-      record = {"split": "train", "step": step,
-                "loss": float(np.mean([v["loss"] for v in values])),
-                "accuracy": float(np.mean([v["accuracy"] for v in values])),
-                "learning_rate": float(schedule(step - 1)),
-                "examples_per_sec": (window_steps * config.batch_size / max(elapsed, 1e-9)
-                                     if window_steps else None)}
+      record = train_record(step, pending, float(schedule(step - 1)),
+                            window_steps * config.batch_size, time.perf_counter() - window_start)
       logger.write(record)
       progress.set_postfix(loss=f"{record['loss']:.4f}",
                            ex_s=f"{record['examples_per_sec'] or 0:.0f}")
