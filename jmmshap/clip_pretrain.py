@@ -248,12 +248,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
 def _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, latest_manager,
            best_manager) -> None:
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  per_epoch = input_pipeline.steps_per_epoch(len(photos["train"]), config.batch_size)
-  total_steps = config.get("total_steps") or config.num_epochs * per_epoch
-  eval_every = config.get("eval_every_steps") or per_epoch * config.get("eval_every_epochs", 1)
-  checkpoint_every = (config.get("checkpoint_every_steps")
-                      or per_epoch * config.get("checkpoint_every_epochs", 1))
-  log_every = max(1, min(config.get("log_every_steps", 50), total_steps))
+  total_steps, eval_every, checkpoint_every, log_every = train_lib.step_plan(
+      config, len(photos["train"]))
   optimizer, schedule = train_lib.make_optimizer(config.optimizer, total_steps)
 
   def train_step(state, batch):

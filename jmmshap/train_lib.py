@@ -228,6 +228,17 @@ class Logger:
       write_atomically(self.path, write)
 
 
+def step_plan(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int, int, int]:
+  """(total steps, eval every, checkpoint every, log every) in steps, from the epoch or step settings."""
+  per_epoch = input_pipeline.steps_per_epoch(num_train, config.batch_size)
+  total_steps = config.get("total_steps") or config.num_epochs * per_epoch
+  eval_every = config.get("eval_every_steps") or per_epoch * config.get("eval_every_epochs", 1)
+  checkpoint_every = (config.get("checkpoint_every_steps")
+                      or per_epoch * config.get("checkpoint_every_epochs", 1))
+  log_every = max(1, min(config.get("log_every_steps", 50), total_steps))
+  return total_steps, eval_every, checkpoint_every, log_every
+
+
 def train_record(step: int, window: list[dict], learning_rate: float, examples: int,
                  elapsed: float) -> dict:
   """A log.jsonl training record: the window's mean step metrics (read from the devices only now)
@@ -429,12 +440,7 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.data_sharded(mesh)
   parallel.check_batch_size(config.batch_size)
-  per_epoch = input_pipeline.steps_per_epoch(len(sources["train"]), config.batch_size)
-  total_steps = config.get("total_steps") or config.num_epochs * per_epoch
-  eval_every = config.get("eval_every_steps") or per_epoch * config.get("eval_every_epochs", 1)
-  checkpoint_every = (config.get("checkpoint_every_steps")
-                      or per_epoch * config.get("checkpoint_every_epochs", 1))
-  log_every = max(1, min(config.get("log_every_steps", 50), total_steps))
+  total_steps, eval_every, checkpoint_every, log_every = step_plan(config, len(sources["train"]))
   optimizer, schedule = make_optimizer(config.optimizer, total_steps)
 
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
