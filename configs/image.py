@@ -15,6 +15,7 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config = common.base_config("image", arg)
   config.init_from = ml_collections.config_dict.placeholder(str)
   config.model = ml_collections.ConfigDict(dict(depth=18, width=8, small_stem=True))
+  config.random_flip = False  # Mirror training photos left-right at random (seeded, resumable).
   if arg in common.FASHION:  # The standard stem: 16x16 maps after it at 64 px, cheap on a CPU.
     config.model.update(width=32, small_stem=False)
   elif arg == "taimd17k":

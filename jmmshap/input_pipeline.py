@@ -104,9 +104,22 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return steps
 
 
+def random_flip(batch: Batch, draws: np.ndarray) -> Batch:
+  """Mirrors the photos whose draw is < 1/2: a product mirrored left-right is the same product."""
+  flip = draws < 0.5
+  batch["pixel_values"] = np.where(flip[:, None, None, None], batch["pixel_values"][:, :, ::-1],
+                                   batch["pixel_values"])
+  return batch
+
+
 def train_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
-                  global_batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
-  """Endless training batches; epoch e is the permutation seeded by (seed, e), short tail dropped."""
+                  global_batch_size: int, seed: int, start_step: int = 0,
+                  augment: Callable[[Batch, np.ndarray], Batch] | None = None) -> Iterator[Batch]:
+  """Endless training batches; epoch e is the permutation seeded by (seed, e), short tail dropped.
+
+  `augment(batch, draws)` gets one uniform draw per row, seeded by (seed, epoch, position) and drawn
+  for the whole global batch, so a resumed run or any number of processes augments the same way.
+  """
   num_examples = len(source)
   per_epoch = steps_per_epoch(num_examples, global_batch_size)
   rows = process_slice(global_batch_size)
@@ -116,7 +129,11 @@ def train_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], B
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
     for position in range(offset, per_epoch):
       indices = order[position * global_batch_size:(position + 1) * global_batch_size][rows]
-      yield preprocess(read_records(source, indices))
+      batch = preprocess(read_records(source, indices))
+      if augment is not None:
+        draws = np.random.default_rng([seed, epoch, position]).random(global_batch_size)[rows]
+        batch = augment(batch, draws)
+      yield batch
     step = (epoch + 1) * per_epoch
 
 

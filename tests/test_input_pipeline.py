@@ -104,3 +104,28 @@ def test_prefetch_applies_the_transform_in_order_and_passes_errors_on():
     raise OSError("disk gone")
   with pytest.raises(OSError, match="disk gone"):
     list(input_pipeline.prefetch(failing(), transform=lambda b: b))
+
+
+def test_random_flip_mirrors_the_same_rows_on_resume(preprocess):
+  def half_lit(i):  # Left half coloured, right half black: mirroring changes it.
+    image = Image.new("RGB", (8, 8), (0, 0, 0))
+    image.paste((10 * i, 5, 5), (0, 0, 4, 8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+  photos = [{"id": f"p{i}", "title": b"mug", "image": half_lit(i), "label": 0} for i in range(12)]
+
+  def pixels(start_step, steps, augment):
+    batches = input_pipeline.train_batches(photos, preprocess, global_batch_size=4, seed=7,
+                                           start_step=start_step, augment=augment)
+    return [b["pixel_values"] for b in itertools.islice(batches, steps)]
+
+  plain, flipped = pixels(0, 6, None), pixels(0, 6, input_pipeline.random_flip)
+  for resumed, uninterrupted in zip(pixels(3, 3, input_pipeline.random_flip), flipped[3:]):
+    np.testing.assert_array_equal(resumed, uninterrupted)
+  rows = [(p, f) for batch_plain, batch_flipped in zip(plain, flipped)
+          for p, f in zip(batch_plain, batch_flipped)]
+  mirrored = [np.array_equal(f, p[:, ::-1]) for p, f in rows]
+  assert all(m or np.array_equal(f, p) for m, (p, f) in zip(mirrored, rows))
+  assert 0 < sum(mirrored) < len(rows)
