@@ -4,6 +4,7 @@ Variants: toyshop (default; a narrow ResNet-18 with a small-image stem, seconds 
 taimd17k. Depth 18/34/50/101/152 is `--config.model.depth`; `--config.model.width=64` gives the
 standard widths (ResNet-152: `--config.model.depth=152 --config.model.width=64`), and
 `--config.init_from=DIR` starts from a HF ResNet folder or a torchvision state-dict file.
+`--config.random_flip=True` mirrors training photos left-right at random (seeded per step).
 """
 
 import ml_collections
