@@ -473,10 +473,10 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
   train_step = jax.jit(make_train_step(graphdef, stage.inputs, optimizer),
                        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                        donate_argnums=0)
+  augment = input_pipeline.random_flip if config.get("random_flip") else None  # Image stage only.
   batches = input_pipeline.prefetch(
       input_pipeline.train_batches(sources["train"], preprocess, global_batch_size=config.batch_size,
-                                   seed=config.seed, start_step=start_step,
-                                   augment=input_pipeline.random_flip if config.get("random_flip") else None),
+                                   seed=config.seed, start_step=start_step, augment=augment),
       transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
   progress = tqdm(total=total_steps, initial=start_step, desc=stage.name, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)

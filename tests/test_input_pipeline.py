@@ -10,10 +10,14 @@ from jmmshap import input_pipeline, parallel
 from jmmshap.tokenizer import TitleTokenizer
 
 
-def _png(colour, size=(10, 12)):
+def _encoded(image):
   buffer = io.BytesIO()
-  Image.new("RGB", size, colour).save(buffer, format="PNG")
+  image.save(buffer, format="PNG")
   return buffer.getvalue()
+
+
+def _png(colour, size=(10, 12)):
+  return _encoded(Image.new("RGB", size, colour))
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +114,7 @@ def test_random_flip_mirrors_the_same_rows_on_resume(preprocess):
   def half_lit(i):  # Left half coloured, right half black: mirroring changes it.
     image = Image.new("RGB", (8, 8), (0, 0, 0))
     image.paste((10 * i, 5, 5), (0, 0, 4, 8))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _encoded(image)
 
   photos = [{"id": f"p{i}", "title": b"mug", "image": half_lit(i), "label": 0} for i in range(12)]
 
