@@ -1,4 +1,7 @@
-"""Checks that an Orbax checkpoint fits the model about to be restored, before restoring it.
+"""Orbax checkpoint managers, made in one place, and the check that a checkpoint fits its model.
+
+Every checkpoint folder of the pipeline gets its `ocp.CheckpointManager` from `manager()`, which
+gives each manager barrier names of its own (why: see `manager`).
 
 Restoring a checkpoint written under another config (another width, depth, class count) fails
 inside Orbax or XLA with a message about array shapes and no names. Comparing the checkpoint's
@@ -8,6 +11,9 @@ reshaped parameter by name.
 
 from __future__ import annotations
 
+import collections
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -61,6 +67,47 @@ def differences(saved: dict[str, tuple], expected: dict[str, tuple]) -> list[str
   if len(reshaped) > 10:
     lines.append(f"... and {len(reshaped) - 10} more parameters of other shapes")
   return lines
+
+
+# How many managers this process has made per barrier name; see `manager`.
+_managers_per_name: collections.Counter = collections.Counter()
+
+
+def barrier_prefix(directory: str) -> str:
+  """A barrier-name prefix for a manager of `directory`, unique within this process and the same
+  in every process (see `manager`)."""
+  name = "/".join(os.path.normpath(os.path.abspath(directory)).split(os.sep)[-2:])
+  _managers_per_name[name] += 1
+  return f"jmmshap:{name}#{_managers_per_name[name]}"
+
+
+def manager(directory: str, item_handlers: Mapping[str, ocp.CheckpointHandler], *,
+            max_to_keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
+  """The Orbax manager of one checkpoint folder; every stage makes its managers here.
+
+  Why the barrier prefix. In a multi-process job every process writes its shards of a step and
+  then waits at a coordination-service barrier that Orbax names after the step folder alone
+  (`async_write_complete.<step>`, `async_commit_complete.<step>`). A classifier stage saves the
+  latest train state (`checkpoints/4`) and the best model (`best/4`) at the same step, both
+  asynchronously: without a prefix their background threads wait at the same barrier, so one
+  process's `checkpoints` save met the other's `best` save there. The result was a finalize that
+  saw array metadata from one process only ("ArrayMetadata Store contains metadata from just one
+  process"), "Barrier _async_write_complete.4 is already ongoing", or a five-minute hang; which one
+  depended on thread timing. A prefix per folder keeps each manager's barriers its own; the count
+  keeps a folder reopened in the same process (a rerun, a restore) off its earlier barriers. Every
+  process runs the same code, so it makes the same managers in the same order and the prefixes
+  agree across processes.
+
+  Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
+  complete, and deletes old steps only after that, so a run killed mid-save still has its previous
+  checkpoint; `latest_step` never sees the unfinished one, and with `create=True` (the writer) the
+  restarted run deletes it.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=barrier_prefix(directory)))
+  return ocp.CheckpointManager(directory, item_handlers=dict(item_handlers), options=options)
 
 
 def check_matches(manager: ocp.CheckpointManager, step: int, item: str, target: Any,

@@ -79,7 +79,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from jmmshap import metrics, parallel, plots, train_lib
+from jmmshap import checkpoints, metrics, parallel, plots, train_lib
 from jmmshap.models import initializers
 
 LEARNERS = ("text", "image", "mmbt")
@@ -582,10 +582,14 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {"state": ocp.StandardCheckpointHandler(), "progress": ocp.JsonCheckpointHandler(),
+          "spec": ocp.JsonCheckpointHandler()}
+
+
 def _manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.join(directory, "checkpoints"), item_names=("state", "progress", "spec"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  return checkpoints.manager(os.path.join(directory, "checkpoints"), _handlers(), max_to_keep=keep,
+                             create=True)
 
 
 def _restore_json(manager: ocp.CheckpointManager, step: int, *items: str) -> dict:
@@ -751,7 +755,7 @@ def restore(data: MethodData, meta_config: ml_collections.ConfigDict, directory:
   one, naming the folder and what to run.
   """
   path = os.path.join(directory, "checkpoints")
-  manager = ocp.CheckpointManager(path, item_names=("state", "progress", "spec"))
+  manager = checkpoints.manager(path, _handlers())
   latest = manager.latest_step()
   if latest is None:
     manager.close()

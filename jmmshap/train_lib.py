@@ -285,27 +285,20 @@ def _best_handlers() -> dict:
 
 
 def _checkpoint_managers(directory: str, config: ml_collections.ConfigDict):
-  """Resumable train states and the best model.
-
-  Orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only once
-  complete, and deletes old steps only after that, so a run killed mid-save still has its previous
-  checkpoint; `latest_step` never sees the unfinished one, and the restarted run deletes it.
-  """
-  latest = ocp.CheckpointManager(
-      os.path.join(directory, "checkpoints"),
-      item_handlers={"state": ocp.StandardCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2), create=True,
-                                           cleanup_tmp_directories=True))
-  best = ocp.CheckpointManager(
-      os.path.join(directory, "best"), item_handlers=_best_handlers(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True))
+  """Resumable train states and the best model (see `checkpoints.manager` for why a kill mid-save
+  loses nothing and why the two may save the same step at once)."""
+  latest = checkpoints.manager(os.path.join(directory, "checkpoints"),
+                               {"state": ocp.StandardCheckpointHandler()},
+                               max_to_keep=config.get("keep_checkpoints", 2), create=True)
+  best = checkpoints.manager(os.path.join(directory, "best"), _best_handlers(), max_to_keep=1,
+                             create=True)
   return latest, best
 
 
 def restore_best(directory: str, abstract_model: dict) -> tuple[dict, dict]:
   """(params + model_state, validation metrics) of the best checkpoint of a stage."""
   path = os.path.join(directory, "best")
-  manager = ocp.CheckpointManager(path, item_handlers=_best_handlers())
+  manager = checkpoints.manager(path, _best_handlers())
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint to restore; train the stage first "
@@ -513,6 +506,7 @@ def _train(config, directory, stage, sources, preprocess, graphdef, params, mode
     if step % checkpoint_every == 0 or step == total_steps:
       latest_manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   progress.close()
+  # Every process joined every save above, in the same order; all of them are complete here.
   latest_manager.wait_until_finished()
   best_manager.wait_until_finished()
   if jax.process_index() == 0:

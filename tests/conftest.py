@@ -8,3 +8,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+
+import pytest  # pylint: disable=wrong-import-position  (after the environment above)
+import train_subprocess  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_training_process_outlives_its_module():
+  """Kills any train.py a module's tests started and left running (a failed fixture, say)."""
+  yield
+  train_subprocess.kill_all()

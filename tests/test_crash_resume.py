@@ -30,7 +30,7 @@ def restarted(tmp_path_factory):
   def run(workdir, name):
     log = str(root / f"{name}.log")
     train_subprocess.finish(train_subprocess.start(
-        train_subprocess.train_command(workdir, overrides), env, log), log)
+        train_subprocess.train_command(workdir, overrides), env, log))
     with open(log, errors="replace") as f:
       return f.read()
 
@@ -39,7 +39,12 @@ def restarted(tmp_path_factory):
 
   workdir = str(root / "killed")
   stage = os.path.join(workdir, "text")
-  process = train_subprocess.start(train_subprocess.train_command(workdir, overrides), env,
+  # JAX writes a compilation-cache entry in place: a SIGKILL mid-write leaves a truncated entry
+  # that a later run would load. The killed run compiles into a copy of the cache, never the one
+  # the restarted run reads.
+  shutil.copytree(root / "jax_cache", root / "jax_cache_killed")
+  killed_env = {**env, "JAX_COMPILATION_CACHE_DIR": str(root / "jax_cache_killed")}
+  process = train_subprocess.start(train_subprocess.train_command(workdir, overrides), killed_env,
                                    str(root / "killed.log"))
   deadline = time.monotonic() + 300
   while process.poll() is None and not train_subprocess.finished_steps(

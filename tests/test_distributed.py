@@ -26,17 +26,15 @@ def two_runs(tmp_path_factory):
   env = train_subprocess.cpu_env(device_count=1)
   processes = []
   for index in range(2):
-    log = str(root / f"process{index}.log")
     command = train_subprocess.train_command(
         multi, overrides, f"--coordinator_address={address}", "--num_processes=2",
         f"--process_id={index}")
-    processes.append((train_subprocess.start(command, env, log), log))
+    processes.append(train_subprocess.start(command, env, str(root / f"process{index}.log")))
   try:
     assert jax.device_count() == 2 and jax.process_count() == 1
     stages.run(config, single)  # Here, while the two processes run.
   finally:
-    for process, log in processes:
-      train_subprocess.finish(process, log)
+    train_subprocess.finish_all(processes)  # Both logs on failure; never leaves a process behind.
   return single, multi
 
 

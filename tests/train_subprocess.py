@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,23 +67,86 @@ def cpu_env(device_count: int, compilation_cache: str | None = None) -> dict[str
   return env
 
 
+# Generous against a normal run of these tiny configs (20 to 60 s on a 2-core machine), and below
+# Orbax's 300 s barrier timeout, so a hang is ours to report, with the logs.
+TIMEOUT_S = 240
+
+_started: list[subprocess.Popen] = []
+
+
+# Run before train.py, in the child: ask Linux to SIGKILL it when the test process dies, however
+# that dies, then exec the command (the request survives exec). A preexec_fn would do the same but
+# makes subprocess fork the multithreaded test process.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit('the test process is gone')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
 def start(command: Sequence[str], env: Mapping[str, str], log_path: str) -> subprocess.Popen:
-  """A training process writing its output to `log_path` (read back by `finish` on failure)."""
+  """A training process writing its output to `log_path`, in a process group of its own so that
+  `kill` ends it with anything it started, and killed with the test process if that dies first."""
+  if sys.platform == "linux":
+    command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
   with open(log_path, "wb") as log:
-    return subprocess.Popen(command, cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+  process.log_path = log_path
+  _started.append(process)
+  return process
 
 
-def finish(process: subprocess.Popen, log_path: str, timeout: float = 300) -> None:
-  """Waits for a training process and fails with the end of its log unless it succeeded."""
-  try:
-    process.wait(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    process.wait()
-  if process.returncode != 0:
-    with open(log_path, errors="replace") as f:
-      tail = f.read()[-4000:]
-    raise AssertionError(f"{' '.join(process.args)} exited with {process.returncode}:\n{tail}")
+def kill(process: subprocess.Popen) -> None:
+  """SIGKILL to the process's whole group, then reaped."""
+  if process.poll() is None:
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  process.wait()
+
+
+def kill_all() -> None:
+  """Every training process a test started and did not finish (conftest runs this after each test
+  module, and a failing fixture's `finally` runs `finish_all`)."""
+  while _started:
+    kill(_started.pop())
+
+
+def _log_tail(process: subprocess.Popen, size: int = 6000) -> str:
+  with open(process.log_path, errors="replace") as f:
+    return f.read()[-size:]
+
+
+def finish_all(processes: Sequence[subprocess.Popen], timeout: float = TIMEOUT_S) -> None:
+  """Waits for processes that work together; the first failure, or the timeout, kills the rest at
+  once (they would wait at a barrier for their lost peer) and fails with every process's log."""
+  deadline = time.monotonic() + timeout
+  pending = list(processes)
+  problem = None
+  while pending and problem is None:
+    for process in list(pending):
+      if process.poll() is not None:
+        pending.remove(process)
+        if process.returncode != 0:
+          problem = f"{' '.join(process.args)} exited with {process.returncode}"
+    if pending and time.monotonic() > deadline:
+      problem = f"{len(pending)} of {len(processes)} processes still running after {timeout:.0f} s"
+    time.sleep(0.05)
+  for process in processes:
+    kill(process)
+    if process in _started:
+      _started.remove(process)
+  if problem:
+    logs = "\n".join(f"----- {p.log_path} (exit {p.returncode}):\n"
+                     f"{_log_tail(p)}" for p in processes)
+    raise AssertionError(f"{problem}\n{logs}")
+
+
+def finish(process: subprocess.Popen, timeout: float = TIMEOUT_S) -> None:
+  """Waits for one training process and fails with the end of its log unless it succeeded."""
+  finish_all([process], timeout)
 
 
 def free_port() -> int:
