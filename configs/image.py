@@ -13,22 +13,23 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  config = common.base_config("image", arg)
+  variant, _ = common.parse_arg(arg)
+  config = common.base_config("image", variant)
   config.init_from = ml_collections.config_dict.placeholder(str)
   config.model = ml_collections.ConfigDict(dict(depth=18, width=8, small_stem=True))
   config.random_flip = False  # Mirror training photos left-right at random (seeded, resumable).
-  if arg in common.FASHION:  # The standard stem: 16x16 maps after it at 64 px, cheap on a CPU.
+  if variant in common.FASHION:  # The standard stem: 16x16 maps after it at 64 px, cheap on a CPU.
     config.model.update(width=32, small_stem=False)
-  elif arg == "taimd17k":
+  elif variant == "taimd17k":
     config.model.update(depth=50, width=64, small_stem=False)
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=2e-3, weight_decay=0.05, warmup_fraction=0.05, schedule="cosine",
       grad_clip_norm=1.0))
   config.batch_size = 64
   config.num_epochs = 8
-  if arg in common.FASHION:
+  if variant in common.FASHION:
     config.batch_size = 128
     config.num_epochs = 2
-  if arg == "toyshop":
+  if variant == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 4
   return config

@@ -6,7 +6,8 @@ r"""The main job: every stage of the pipeline, then the MM-SHAP-weighted stacked
   python train.py --config=configs/meta.py --workdir=W --config.mode=eval   # restore, re-report
   python train.py --config=configs/meta.py:toyshop,paper --workdir=W        # Table I's meta-MLP
 
-Upstream stages (text, image, mmbt, mmshap, in that order) run only when their outputs are missing
+Upstream stages (jmmshap/pipeline.py: text, image, mmbt, mmshap, in that order, and clip_pretrain
+before mmbt where the MMBT starts from its tower) run only when their outputs are missing
 from W; a finished one is reused, and `rerun` (comma-separated) deletes and reruns the ones it names.
 Their configs are nested under `stages`, so any field can be overridden
 (`--config.stages.text.num_epochs=2`). The data config is given once, at the top level: every
@@ -21,8 +22,8 @@ full-batch steps, a few seconds per meta-model. Plain SGD at lr 1e-4 needs its t
 steps; Adam reaches a training loss near 1e-3 within the first 100 steps on toyshop, and 500, 1,500
 or 3,000 steps gave the same stacked test macro F1 there. The default main job measured on this
 project's 2-core machine: stacked and mmshap_dataset 0.997, mmshap_sample 0.995, against 0.988 for the
-best base learner, the MMBT (3m29s end to end). See jmmshap/meta.py
-for `weighting`, `cross_fit` and early stopping.
+best base learner, the MMBT (3m29s end to end). See jmmshap/weighting.py for `weighting` and
+jmmshap/meta.py for `cross_fit` and early stopping.
 
 MM-SHAP in the toyshop main job groups each title into at most 4 text players (trailing words merged
 into the last): at most 2**8 coalitions per example instead of up to 2**15, about 15x less time
@@ -31,12 +32,17 @@ that correlates at 0.99998 with per-word players (mean absolute difference 0.000
 `--config.stages.mmshap.max_text_players=0` gives one player per word.
 """
 
+import importlib
+
 import ml_collections
 
-from configs import clip_pretrain, common, image, mmbt, mmshap, text
+from configs import common
+from jmmshap import pipeline
 
-STAGE_CONFIGS = {"text": text, "image": image, "clip_pretrain": clip_pretrain, "mmbt": mmbt,
-                 "mmshap": mmshap}
+
+def stage_config(name: str, variant: str) -> ml_collections.ConfigDict:
+  """configs/<name>.py's config for `variant`: every stage of the pipeline has one."""
+  return importlib.import_module(f"configs.{name}").get_config(variant)
 
 
 def _share_data(config: ml_collections.ConfigDict, stage: ml_collections.ConfigDict) -> None:
@@ -49,10 +55,7 @@ def _share_data(config: ml_collections.ConfigDict, stage: ml_collections.ConfigD
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  variant, *options = arg.split(",")
-  unknown = set(options) - {"paper"}
-  if unknown:
-    raise ValueError(f"configs/meta.py: unknown options {sorted(unknown)}; the only one is 'paper'")
+  variant, options = common.parse_arg(arg, ("paper",))
   paper = "paper" in options
   config = ml_collections.ConfigDict()
   config.stage = "meta"
@@ -63,12 +66,11 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.output_dir = "meta"  # Inside the workdir; another name keeps e.g. several seeds side by side.
   config.data = common.data_config(variant)
   config.stages = ml_collections.ConfigDict()
-  for name, module in STAGE_CONFIGS.items():
-    if name == "clip_pretrain" and variant not in common.FASHION:
-      continue  # Only the fashion MMBTs start from a tower pretrained in the same workdir.
-    stage = module.get_config(variant)
-    _share_data(config, stage)
-    config.stages[name] = stage
+  candidates = {name: stage_config(name, variant) for name in pipeline.UPSTREAM}
+  # clip_pretrain is in only where a stage starts from its output (the fashion MMBTs).
+  for name in pipeline.main_job_stages(candidates):
+    _share_data(config, candidates[name])
+    config.stages[name] = candidates[name]
   if variant == "toyshop":
     config.stages.mmshap.max_text_players = 4
   elif variant in common.FASHION:

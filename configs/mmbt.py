@@ -15,10 +15,7 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  variant, *options = arg.split(",")
-  unknown = set(options) - {"paper"}
-  if unknown:
-    raise ValueError(f"configs/mmbt.py: unknown options {sorted(unknown)}; the only one is 'paper'")
+  variant, options = common.parse_arg(arg, ("paper",))
   paper = "paper" in options
   config = common.base_config("mmbt", variant)
   config.data.max_length = 16 if variant == "toyshop" else 32

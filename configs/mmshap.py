@@ -17,11 +17,11 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  common.data_config(arg)  # Rejects an unknown variant with the list of known ones.
+  variant, _ = common.parse_arg(arg)
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.stage = "mmshap"
-  config.variant = arg
+  config.variant = variant
   config.seed = 0  # KernelSHAP draws for example i of a split use the key (seed, i).
   config.data = ml_collections.ConfigDict(dict(data_dir=placeholder(str),
                                                 manual_dir=placeholder(str)))
@@ -51,6 +51,6 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.budget = 0
   # Coalition rows per forward call (bounds memory; a multiple of the device count) and examples
   # whose coalitions are packed into the same calls.
-  config.chunk_size = 512 if arg == "toyshop" else 1024
+  config.chunk_size = 512 if variant == "toyshop" else 1024
   config.examples_per_group = 16
   return config

@@ -15,31 +15,32 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  config = common.base_config("text", arg)
-  config.data.max_length = {"toyshop": 16, "taimd17k": 32}.get(arg, 24)  # 99% of fashion titles: 18.
-  config.data.vocab_size = 1000 if arg == "toyshop" else 8000
+  variant, _ = common.parse_arg(arg)
+  config = common.base_config("text", variant)
+  config.data.max_length = {"toyshop": 16, "taimd17k": 32}.get(variant, 24)  # 99% of fashion titles: 18.
+  config.data.vocab_size = 1000 if variant == "toyshop" else 8000
   config.data.tokenizer = ml_collections.config_dict.placeholder(str)  # A HF checkpoint folder with tokenizer.json/vocab.txt; None: train one.
   config.init_from = ml_collections.config_dict.placeholder(str)  # A HF BERT folder (config.json + model.safetensors) to start from.
 
   config.model = ml_collections.ConfigDict(dict(
       hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
       hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
-  if arg != "toyshop":
+  if variant != "toyshop":
     config.model.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                         intermediate_size=1024)
 
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=1e-3 if arg == "toyshop" else 3e-4, weight_decay=0.01,
+      name="adamw", learning_rate=1e-3 if variant == "toyshop" else 3e-4, weight_decay=0.01,
       warmup_fraction=0.1, schedule="cosine", grad_clip_norm=1.0))
   config.batch_size = 64
-  config.num_epochs = 8 if arg == "toyshop" else 5
-  if arg in common.FASHION:
+  config.num_epochs = 8 if variant == "toyshop" else 5
+  if variant in common.FASHION:
     config.init_from = common.MINILM
     config.optimizer.update(learning_rate=1e-4, warmup_fraction=0.06)
     config.batch_size = 32
     # sub_category's 5 classes of < 90 train products are never predicted after 1 epoch
     # (docs/RESULTS.md: test macro F1 0.883 after 1 epoch, 0.949 after 2).
-    config.num_epochs = 1 if arg == "fashion" else 2
-  if arg == "toyshop":
+    config.num_epochs = 1 if variant == "fashion" else 2
+  if variant == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 4
   return config

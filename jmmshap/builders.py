@@ -28,12 +28,10 @@ row starts on and bad rows whose split is unknown are under 'unassigned'.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import hashlib
 import importlib.resources.abc
 import importlib.util
-import io
 import json
 import os
 import sys
@@ -41,13 +39,17 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import logging
+import jax
 import ml_collections
+from absl import logging
+from jax.experimental import multihost_utils
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
-from jmmshap import toyshop
+from jmmshap import catalog, toyshop
+# Re-exported: the splits, and the errors a bad CSV raises, are part of what a builder means.
+from jmmshap.catalog import (EVAL_SPLITS, ON_BAD_ROW, SPLITS, UNASSIGNED, BadRow, BadRowError,  # noqa: F401
+                             CsvFormatError)
 
 # TFDS looks up builders defined inside a package through the `importlib_resources` backport, which it
 # only declares for Python < 3.9 (tensorflow/datasets#11212). Where the backport is absent, the standard
@@ -55,20 +57,9 @@ from jmmshap import toyshop
 if importlib.util.find_spec("importlib_resources") is None:
   sys.modules["importlib_resources"] = importlib.resources
 
-SPLITS = ("train", "validation", "test")
 REPORT_FILE = "bad_rows.json"
-ON_BAD_ROW = ("error", "skip")
-UNASSIGNED = "unassigned"  # Report key for bad rows whose split is unknown (e.g. its split value is bad).
 _SKIP_HINT = "set --config.data.on_bad_row=skip"
 _MAX_LOGGED_BAD_ROWS = 20
-
-
-class BadRowError(ValueError):
-  """A CSV row that cannot become an example, with on_bad_row='error'."""
-
-
-class CsvFormatError(ValueError):
-  """A CSV that cannot be read at all (missing column, undecodable header, ...): no skip possible."""
 
 
 def _features(class_names: Sequence[str],
@@ -153,153 +144,6 @@ def _require_config(builder: tfds.core.DatasetBuilder, config_type: type, factor
 # Reading product CSVs, shared by FashionProducts and ProductFolder.
 
 
-@dataclasses.dataclass(frozen=True)
-class BadRow:
-  """One skipped row, as listed in bad_rows.json."""
-  split: str
-  line: int
-  id: str
-  file: str
-  reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Row:
-  line: int
-  id: str
-  title: str
-  label: str
-  split: str | None
-  image_path: str
-
-
-@dataclasses.dataclass
-class _Catalog:
-  csv_path: str
-  rows: list[_Row]
-  bad_rows: list[BadRow]
-
-
-def _printable(text: str) -> str:
-  """Text with undecodable bytes (kept as surrogates) shown as U+FFFD, safe to print and to JSON."""
-  return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _first_bad_byte(text: str) -> str:
-  for char in text:
-    if "\udc80" <= char <= "\udcff":
-      return f"0x{ord(char) - 0xdc00:02x}"
-  return "?"
-
-
-def _read_catalog(csv_path: str, *, id_column: str, text_column: str, label_column: str,
-                  split_column: str | None, image_column: str | None, image_dir: str) -> _Catalog:
-  """Parses every row, setting apart the ones that cannot be an example whatever the images hold."""
-  if not os.path.isfile(csv_path):
-    raise CsvFormatError(f"{csv_path}: no such CSV file. Point the data config at the product CSV.")
-  with open(csv_path, "rb") as f:
-    raw = f.read()
-  # surrogateescape keeps undecodable bytes, so one bad row is reported instead of the whole file.
-  text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-  reader = csv.reader(io.StringIO(text, newline=""))
-  header = next(reader, None)
-  if header is None:
-    raise CsvFormatError(f"{csv_path}: the file is empty; expected a header row and product rows.")
-  if any(_printable(name) != name for name in header):
-    raise CsvFormatError(f"{csv_path}, line 1: the header is not valid UTF-8; re-save the file as UTF-8.")
-  header = [name.strip() for name in header]
-  wanted = {"id": id_column, "text": text_column, "label": label_column}
-  if split_column:
-    wanted["split"] = split_column
-  if image_column:
-    wanted["image"] = image_column
-  missing = sorted(column for column in wanted.values() if column not in header)
-  if missing:
-    raise CsvFormatError(
-        f"{csv_path}: no column(s) {', '.join(map(repr, missing))}; the header has "
-        f"{', '.join(map(repr, header))}. Set the data config's column names to match the file.")
-  index = {role: header.index(column) for role, column in wanted.items()}
-
-  rows, bad_rows, first_line_of_id = [], [], {}
-  while True:
-    line = reader.line_num + 1  # Where the next row starts (a quoted field may span lines).
-    record = next(reader, None)
-    if record is None:
-      break
-    if not record:
-      continue  # A blank line holds no product.
-    values = {role: record[i].strip() if i < len(record) else "" for role, i in index.items()}
-    split = values["split"].lower() if split_column else None
-    undecodable = [name for name, value in zip(header, record) if _printable(value) != value]
-    if len(record) != len(header):
-      reason = f"the row has {len(record)} fields but the header has {len(header)}"
-    elif undecodable:
-      reason = (f"not valid UTF-8 (byte {_first_bad_byte(''.join(record))} in column(s) "
-                f"{', '.join(undecodable)}); re-save the CSV as UTF-8")
-    elif split_column and split not in SPLITS:
-      reason = f"split {values['split']!r} in column {split_column!r} is not one of {', '.join(SPLITS)}"
-    elif not values["id"]:
-      reason = f"empty id in column {id_column!r}"
-    elif values["id"] in first_line_of_id:
-      reason = f"duplicate id {values['id']!r} (first on line {first_line_of_id[values['id']]})"
-    elif not values["text"]:
-      reason = f"empty title in column {text_column!r}"
-    elif not values["label"]:
-      reason = f"empty label in column {label_column!r}"
-    elif image_column and not values["image"]:
-      reason = f"empty image path in column {image_column!r}"
-    else:
-      reason = None
-    if reason is not None:
-      bad_rows.append(BadRow(split if split in SPLITS else UNASSIGNED, line,
-                             _printable(values["id"]), csv_path, reason))
-      continue
-    first_line_of_id[values["id"]] = line
-    image_name = values["image"] if image_column else f"{values['id']}.jpg"
-    rows.append(_Row(line, values["id"], values["text"], values["label"], split,
-                     os.path.join(image_dir, image_name)))
-  return _Catalog(csv_path, rows, bad_rows)
-
-
-class _ImageProblem(Exception):
-
-  def __init__(self, reason: str):
-    super().__init__(reason)
-    self.reason = reason
-
-
-def _encoded_rgb_image(path: str) -> tuple[bytes, bool]:
-  """(bytes to store, whether they were re-encoded); decodes fully so corrupt files fail at build time.
-
-  JPEG and PNG files already in RGB are stored as they are; anything else (grey, CMYK, palette, other
-  formats) is converted to RGB and stored as PNG, so every reader decodes to HxWx3.
-  """
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except FileNotFoundError:
-    raise _ImageProblem("missing image file") from None
-  except OSError as e:
-    raise _ImageProblem(f"unreadable image file ({e.strerror})") from None
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      if image.format in ("JPEG", "PNG") and image.mode == "RGB":
-        return data, False
-      rgb = image.convert("RGB")
-  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types for malformed files.
-    raise _ImageProblem(f"corrupt image ({type(e).__name__}: {e})") from None
-  buffer = io.BytesIO()
-  rgb.save(buffer, format="PNG")
-  return buffer.getvalue(), True
-
-
-def _describe(csv_path: str, bad: BadRow) -> str:
-  where = f"{csv_path}, line {bad.line} (id {bad.id!r})"
-  what = bad.reason if bad.file == csv_path else f"{bad.reason}: {bad.file}"
-  return f"{where}: {what}"
-
-
 class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared preparation of the CSV builders: selection, image checks, bad-row policy and report."""
 
@@ -314,35 +158,35 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   def _config(self):
     raise NotImplementedError
 
-  def _read(self, manual_dir: str) -> _Catalog:
+  def _read(self, manual_dir: str) -> catalog.Catalog:
     raise NotImplementedError
 
-  def _select(self, catalog: _Catalog) -> tuple[dict[str, list[_Row]], list[BadRow], dict[str, int]]:
+  def _select(self, products: catalog.Catalog) -> tuple[dict[str, list[catalog.Row]], list[catalog.BadRow], dict[str, int]]:
     """(rows per split, rows that are bad because of the class set, rows excluded by selection)."""
     raise NotImplementedError
 
   def _split_generators(self, dl_manager):
     config = self._config()
-    catalog = self._read(os.fspath(dl_manager.manual_dir))
-    found_sha = _file_sha256(catalog.csv_path)
+    products = self._read(os.fspath(dl_manager.manual_dir))
+    found_sha = _file_sha256(products.csv_path)
     if found_sha != config.csv_sha256:
       raise ValueError(
-          f"{catalog.csv_path} changed since this builder config was made (sha256 {found_sha[:10]}, "
+          f"{products.csv_path} changed since this builder config was made (sha256 {found_sha[:10]}, "
           f"config {config.csv_sha256[:10]}); make the config again (prepare() does).")
-    rows_by_split, selection_bad_rows, excluded = self._select(catalog)
+    rows_by_split, selection_bad_rows, excluded = self._select(products)
     bad_rows = []
 
-    def reject(bad: BadRow) -> None:
+    def reject(bad: catalog.BadRow) -> None:
       if config.on_bad_row == "error":
-        raise BadRowError(
-            f"Bad row in {_describe(catalog.csv_path, bad)}. Fix or remove the row, or "
+        raise catalog.BadRowError(
+            f"Bad row in {catalog.describe(products.csv_path, bad)}. Fix or remove the row, or "
             f"{_SKIP_HINT} to skip bad rows (they are then listed in {REPORT_FILE} next to the "
             "prepared data).")
       if len(bad_rows) < _MAX_LOGGED_BAD_ROWS:
-        logging.warning("Skipping bad row (on_bad_row=skip): %s", _describe(catalog.csv_path, bad))
+        logging.warning("Skipping bad row (on_bad_row=skip): %s", catalog.describe(products.csv_path, bad))
       bad_rows.append(bad)
 
-    for bad in sorted(catalog.bad_rows + selection_bad_rows, key=lambda bad: bad.line):
+    for bad in sorted(products.bad_rows + selection_bad_rows, key=lambda bad: bad.line):
       reject(bad)
     # Every image is decoded here, before anything is written, so an error stops preparation before
     # it starts and the report is complete when it is written next to the data.
@@ -351,9 +195,9 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       good = []
       for row in rows_by_split[split]:
         try:
-          data, was_converted = _encoded_rgb_image(row.image_path)
-        except _ImageProblem as problem:
-          reject(BadRow(split, row.line, row.id, row.image_path, problem.reason))
+          data, was_converted = catalog.encoded_rgb_image(row.image_path)
+        except catalog.ImageProblem as problem:
+          reject(catalog.BadRow(split, row.line, row.id, row.image_path, problem.reason))
           continue
         if was_converted:
           converted[row.id] = data
@@ -361,14 +205,14 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       rows_by_split[split] = good
       if not good:
         raise ValueError(
-            f"{catalog.csv_path}: split {split!r} has no usable rows (see the bad rows logged above, "
+            f"{products.csv_path}: split {split!r} has no usable rows (see the bad rows logged above, "
             f"and the split column / class selection); every split needs at least one product.")
 
-    self._write_report(catalog.csv_path, bad_rows, excluded, rows_by_split)
+    self._write_report(products.csv_path, bad_rows, excluded, rows_by_split)
     return {split: self._generate_examples(rows_by_split[split], converted) for split in SPLITS}
 
-  def _write_report(self, csv_path: str, bad_rows: Sequence[BadRow], excluded: Mapping[str, int],
-                    rows_by_split: Mapping[str, Sequence[_Row]]) -> None:
+  def _write_report(self, csv_path: str, bad_rows: Sequence[catalog.BadRow], excluded: Mapping[str, int],
+                    rows_by_split: Mapping[str, Sequence[catalog.Row]]) -> None:
     by_split = collections.defaultdict(list)
     for bad in sorted(bad_rows, key=lambda bad: bad.line):
       by_split[bad.split].append({"line": bad.line, "id": bad.id, "file": bad.file, "reason": bad.reason})
@@ -391,7 +235,7 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
       json.dump(report, f, indent=1)
 
-  def _generate_examples(self, rows: Sequence[_Row], converted: Mapping[str, bytes]):
+  def _generate_examples(self, rows: Sequence[catalog.Row], converted: Mapping[str, bytes]):
     class_names = set(self._config().class_names)
     for row in rows:
       assert row.label in class_names, row  # _select guarantees it.
@@ -400,12 +244,6 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         with open(row.image_path, "rb") as f:
           image = f.read()
       yield row.id, {"id": row.id, "title": row.title, "image": image, "label": row.label}
-
-
-def _check_on_bad_row(on_bad_row: str) -> str:
-  if on_bad_row not in ON_BAD_ROW:
-    raise ValueError(f"on_bad_row={on_bad_row!r}; expected one of {', '.join(ON_BAD_ROW)}.")
-  return on_bad_row
 
 
 def read_report(builder: tfds.core.DatasetBuilder) -> dict | None:
@@ -419,9 +257,6 @@ def read_report(builder: tfds.core.DatasetBuilder) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------
 # FashionProducts.
-
-_FASHION_CSV = "products.csv"
-
 
 @dataclasses.dataclass(eq=False)
 class FashionProductsConfig(tfds.core.BuilderConfig):
@@ -444,28 +279,22 @@ def select_classes(label_counts: Mapping[str, int], top_k: int | None,
   return ranked
 
 
-def _fashion_catalog(manual_dir: str, label_field: str) -> _Catalog:
-  return _read_catalog(os.path.join(manual_dir, _FASHION_CSV), id_column="id", text_column="title",
-                       label_column=label_field, split_column="split", image_column=None,
-                       image_dir=os.path.join(manual_dir, "images"))
-
-
 def fashion_products_config(manual_dir: str, *, label_field: str = "article_type",
                             top_k: int | None = 31, min_count: int | None = None,
                             on_bad_row: str = "error") -> FashionProductsConfig:
   """Reads the CSV to fix the class set (from counts over the whole file) and the cache name."""
-  _check_on_bad_row(on_bad_row)
+  catalog.check_on_bad_row(on_bad_row)
   if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
     raise ValueError(f"fashion_products top_k={top_k!r}: expected a positive int or None (all).")
   if min_count is not None and (not isinstance(min_count, int) or min_count < 0):
     raise ValueError(f"fashion_products min_count={min_count!r}: expected an int >= 0 or None.")
   min_count = min_count or None  # 0 selects like no minimum, so it shares that cache.
-  catalog = _fashion_catalog(manual_dir, label_field)
-  counts = collections.Counter(row.label for row in catalog.rows)
+  products = catalog.fashion_catalog(manual_dir, label_field)
+  counts = collections.Counter(row.label for row in products.rows)
   class_names = select_classes(counts, top_k, min_count)
   if not class_names:
-    raise ValueError(f"{catalog.csv_path}: no {label_field} class has at least {min_count} items.")
-  csv_sha256 = _file_sha256(catalog.csv_path)
+    raise ValueError(f"{products.csv_path}: no {label_field} class has at least {min_count} items.")
+  csv_sha256 = _file_sha256(products.csv_path)
   settings = dict(label_field=label_field, top_k=top_k, min_count=min_count, on_bad_row=on_bad_row,
                   csv_sha256=csv_sha256)
   selection = (f"top{top_k}" if top_k is not None else "") + (
@@ -486,14 +315,14 @@ class FashionProducts(_ProductCsvBuilder):
   def _config(self) -> FashionProductsConfig:
     return _require_config(self, FashionProductsConfig, "fashion_products_config(manual_dir, ...)")
 
-  def _read(self, manual_dir: str) -> _Catalog:
-    return _fashion_catalog(manual_dir, self._config().label_field)
+  def _read(self, manual_dir: str) -> catalog.Catalog:
+    return catalog.fashion_catalog(manual_dir, self._config().label_field)
 
-  def _select(self, catalog):
+  def _select(self, products):
     class_names = set(self._config().class_names)
     rows_by_split = {split: [] for split in SPLITS}
     excluded = collections.Counter()
-    for row in catalog.rows:
+    for row in products.rows:
       if row.label in class_names:
         rows_by_split[row.split].append(row)
       else:
@@ -524,7 +353,7 @@ class ProductFolderConfig(tfds.core.BuilderConfig):
 _SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.2}  # The rest, 70%, is train.
 
 
-def _stratified_split(rows: Sequence[_Row], seed: int) -> dict[str, list[_Row]]:
+def _stratified_split(rows: Sequence[catalog.Row], seed: int) -> dict[str, list[catalog.Row]]:
   """A seeded 70/10/20 split per label; each label is shuffled by its own seed, so adding rows of one
   label never moves another's, and every label keeps at least one train row."""
   by_label = collections.defaultdict(list)
@@ -546,21 +375,21 @@ def _stratified_split(rows: Sequence[_Row], seed: int) -> dict[str, list[_Row]]:
   return rows_by_split
 
 
-def _product_folder_catalog(manual_dir: str, config: ProductFolderConfig) -> _Catalog:
-  return _read_catalog(
+def _product_folder_catalog(manual_dir: str, config: ProductFolderConfig) -> catalog.Catalog:
+  return catalog.read_catalog(
       os.path.join(manual_dir, config.csv), id_column=config.id_column,
       text_column=config.text_column, label_column=config.label_column,
       split_column=config.split_column, image_column=config.image_column,
       image_dir=os.path.join(manual_dir, config.image_dir))
 
 
-def _product_folder_split(catalog: _Catalog, config: ProductFolderConfig) -> dict[str, list[_Row]]:
+def _product_folder_split(products: catalog.Catalog, config: ProductFolderConfig) -> dict[str, list[catalog.Row]]:
   if config.split_column:
     rows_by_split = {split: [] for split in SPLITS}
-    for row in catalog.rows:
+    for row in products.rows:
       rows_by_split[row.split].append(row)
     return rows_by_split
-  return _stratified_split(catalog.rows, config.split_seed)
+  return _stratified_split(products.rows, config.split_seed)
 
 
 def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_dir: str = "images",
@@ -569,7 +398,7 @@ def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_d
                           image_column: str | None = None, classes: Sequence[str] | None = None,
                           split_seed: int = 0, on_bad_row: str = "error") -> ProductFolderConfig:
   """Reads the CSV to fix the class set (explicit, or the sorted train labels) and the cache name."""
-  _check_on_bad_row(on_bad_row)
+  catalog.check_on_bad_row(on_bad_row)
   if classes is not None:
     classes = tuple(str(name).strip() for name in classes)
     duplicates = sorted(name for name, n in collections.Counter(classes).items() if n > 1)
@@ -580,15 +409,15 @@ def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_d
       name="unnamed", csv=csv, image_dir=image_dir, id_column=id_column, text_column=text_column,
       label_column=label_column, split_column=split_column or None, image_column=image_column or None,
       classes=classes, split_seed=split_seed, on_bad_row=on_bad_row)
-  catalog = _product_folder_catalog(manual_dir, config)
+  products = _product_folder_catalog(manual_dir, config)
   if classes is not None:
     class_names = classes
   else:
-    class_names = tuple(sorted({row.label for row in _product_folder_split(catalog, config)["train"]}))
+    class_names = tuple(sorted({row.label for row in _product_folder_split(products, config)["train"]}))
     if not class_names:
-      raise ValueError(f"{catalog.csv_path}: no usable train rows, so no class set; fix the CSV or "
+      raise ValueError(f"{products.csv_path}: no usable train rows, so no class set; fix the CSV or "
                        "pass an explicit classes list.")
-  csv_sha256 = _file_sha256(catalog.csv_path)
+  csv_sha256 = _file_sha256(products.csv_path)
   # The CSV is identified by its content, not by where it lives, so a moved folder keeps its cache.
   settings = dict(image_dir=config.image_dir, id_column=id_column, text_column=text_column,
                   label_column=label_column, split_column=config.split_column,
@@ -621,13 +450,13 @@ class ProductFolder(_ProductCsvBuilder):
   def _config(self) -> ProductFolderConfig:
     return _require_config(self, ProductFolderConfig, "product_folder_config(manual_dir, ...)")
 
-  def _read(self, manual_dir: str) -> _Catalog:
+  def _read(self, manual_dir: str) -> catalog.Catalog:
     return _product_folder_catalog(manual_dir, self._config())
 
-  def _select(self, catalog):
+  def _select(self, products):
     config = self._config()
     class_names = set(config.class_names)
-    rows_by_split = _product_folder_split(catalog, config)
+    rows_by_split = _product_folder_split(products, config)
     bad_rows = []
     for split, rows in rows_by_split.items():
       kept = []
@@ -635,10 +464,10 @@ class ProductFolder(_ProductCsvBuilder):
         if row.label in class_names:
           kept.append(row)
         elif config.classes is not None:
-          bad_rows.append(BadRow(split, row.line, row.id, catalog.csv_path,
+          bad_rows.append(BadRow(split, row.line, row.id, products.csv_path,
                                  f"label {row.label!r} is not in the configured classes"))
         else:
-          bad_rows.append(BadRow(split, row.line, row.id, catalog.csv_path,
+          bad_rows.append(BadRow(split, row.line, row.id, products.csv_path,
                                  f"label {row.label!r} does not occur in the train split"))
       rows_by_split[split] = kept
     return rows_by_split, bad_rows, {}
@@ -673,7 +502,7 @@ def builder_for(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   """The builder and its config for `data_config`, not yet prepared (see `prepare`)."""
   name = data_config.get("name")
   data_dir = data_config.get("data_dir")
-  on_bad_row = _check_on_bad_row(data_config.get("on_bad_row") or "error")
+  on_bad_row = catalog.check_on_bad_row(data_config.get("on_bad_row") or "error")
   if name == "toyshop":
     return Toyshop(config=toyshop_config(_toyshop_spec(data_config)), data_dir=data_dir,
                    file_format="array_record")
@@ -710,6 +539,15 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
           manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None,
           try_download_gcs=False))
   return builder
+
+
+def prepare_in_process_order(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """`prepare` in a job of several processes: process 0 builds the dataset alone; the others then
+  find it ready (on a shared disk) or build their own copy, never racing process 0 into the same
+  folder."""
+  builder = prepare(data_config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("jmmshap: dataset prepared")
+  return builder if builder is not None else prepare(data_config)
 
 
 def class_reliance(builder: tfds.core.DatasetBuilder) -> list[dict] | None:

@@ -1,7 +1,9 @@
-"""Orbax checkpoint managers, made in one place, and the check that a checkpoint fits its model.
+"""Every Orbax checkpoint of the pipeline is made, saved, checked and restored here.
 
-Every checkpoint folder of the pipeline gets its `ocp.CheckpointManager` from `manager()`, which
-gives each manager barrier names of its own (why: see `manager`).
+Every checkpoint folder gets its `ocp.CheckpointManager` from `manager()`, which gives each manager
+barrier names of its own (why: see `manager`). A trained stage has two folders (`StageCheckpoints`):
+`checkpoints/`, the latest full train states a restarted run resumes from, and `best/`, the model
+selected on validation with its scores, which evaluation and later stages restore (`restore_best`).
 
 Restoring a checkpoint written under another config (another width, depth, class count) fails
 inside Orbax or XLA with a message about array shapes and no names. Comparing the checkpoint's
@@ -18,6 +20,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jmmshap import workdir
 
 
 class CheckpointMismatchError(ValueError):
@@ -126,3 +130,85 @@ def check_matches(manager: ocp.CheckpointManager, step: int, item: str, target: 
         + "\n  ".join(problems)
         + "\n  Restore it with the config it was trained with (its config.json), or train this "
           "config in another --workdir.")
+
+
+def abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """Shapes and dtypes of `tree` (placed with `sharding`): the target of a restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, where: str, *,
+            arrays: Mapping[str, Any] | None = None, json_items: tuple[str, ...] = ()) -> dict:
+  """Items of one step: array trees into their abstract targets (checked first with
+  `check_matches`), JSON items as they are."""
+  arrays = dict(arrays or {})
+  for item, target in arrays.items():
+    check_matches(manager, step, item, target, where)
+  args = {item: ocp.args.StandardRestore(target) for item, target in arrays.items()}
+  args.update({item: ocp.args.JsonRestore() for item in json_items})
+  return dict(manager.restore(step, args=ocp.args.Composite(**args)))
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, arrays: Mapping[str, Any] | None = None,
+         json_items: Mapping[str, Any] | None = None) -> None:
+  """Saves one step (asynchronously): array trees and JSON items, each under its item name."""
+  args = {item: ocp.args.StandardSave(tree) for item, tree in (arrays or {}).items()}
+  args.update({item: ocp.args.JsonSave(value) for item, value in (json_items or {}).items()})
+  manager.save(step, args=ocp.args.Composite(**args))
+
+
+def _best_handlers() -> dict[str, ocp.CheckpointHandler]:
+  # Handlers (not just item names) so that a checkpoint's metadata can be read before restoring.
+  return {"model": ocp.StandardCheckpointHandler(), "metrics": ocp.JsonCheckpointHandler()}
+
+
+class StageCheckpoints:
+  """The latest train states (`checkpoints/`, resume) and the best model (`best/`) of a stage."""
+
+  def __init__(self, directory: str, keep: int = 2):
+    self.latest_path = os.path.join(directory, workdir.CHECKPOINTS)
+    self.best_path = os.path.join(directory, workdir.BEST)
+    self.latest = manager(self.latest_path, {"state": ocp.StandardCheckpointHandler()},
+                          max_to_keep=keep, create=True)
+    self.best = manager(self.best_path, _best_handlers(), max_to_keep=1, create=True)
+
+  def latest_step(self) -> int:
+    return self.latest.latest_step() or 0
+
+  def restore_latest(self, step: int, abstract_state: Any) -> Any:
+    return restore(self.latest, step, self.latest_path, arrays={"state": abstract_state})["state"]
+
+  def best_scores(self) -> dict | None:
+    """The scores saved with the best model; None before the first one."""
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return restore(self.best, step, self.best_path, json_items=("metrics",))["metrics"]
+
+  def save_latest(self, step: int, state: Any) -> None:
+    save(self.latest, step, arrays={"state": state})
+
+  def save_best(self, step: int, model: Any, scores: Mapping[str, Any]) -> None:
+    save(self.best, step, arrays={"model": model}, json_items={"metrics": {"step": step, **scores}})
+
+  def wait_until_finished(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def restore_best(directory: str, abstract_model: Any) -> tuple[Any, dict]:
+  """(model tree, validation scores) of the best checkpoint in a stage folder."""
+  path = os.path.join(directory, workdir.BEST)
+  best = manager(path, _best_handlers())
+  step = best.latest_step()
+  if step is None:
+    best.close()
+    raise FileNotFoundError(f"{path}: no checkpoint to restore; train the stage first "
+                            "(run without --config.mode=eval).")
+  restored = restore(best, step, path, arrays={"model": abstract_model}, json_items=("metrics",))
+  best.close()
+  return restored["model"], restored["metrics"]

@@ -15,6 +15,7 @@ Stage directory (`{workdir}/clip_pretrain/`):
                      model.safetensors): what `configs/mmbt.py` loads with `init_from_image`, and
                      what transformers' `CLIPVisionModel.from_pretrained` reads
   checkpoints/, best/    latest train state (resume) and the lowest-validation-loss weights
+                     (trained by `train_lib.fit`, the classifier stages' loop, with the CLIP loss)
   title_embeddings_{split}.npz   the locked tower's embeddings, reused by a resumed run
   log.jsonl, loss.png, accuracy.png, metrics.json, config.json
 Metrics, over consecutive batches of `batch_size` in split order: the CLIP loss, `accuracy` (a photo
@@ -27,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,18 +36,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 from absl import logging
 from flax import nnx
-from tqdm.auto import tqdm
 
-from jmmshap import input_pipeline, parallel, plots, train_lib
-from jmmshap.models import bert, clip_vision, hf
+from jmmshap import (builders, checkpoints, config_checks, input_pipeline, parallel, train_lib,
+                     workdir)
+from jmmshap.models import bert, clip_vision
 from jmmshap.tokenizer import TitleTokenizer
 
 STAGE = "clip_pretrain"
-EXPORT_DIR = "export"
+SELECTION = train_lib.Selection("loss", higher_is_better=False)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100.
 
 
@@ -87,12 +86,6 @@ def batch_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
           "same_label_accuracy": jnp.mean(labels[retrieved] == labels)}
 
 
-def load_text_tower(path: str, num_layers: int) -> bert.BertModel:
-  """A pretrained BERT, optionally cut to its first `num_layers` layers (0: all)."""
-  model, _ = bert.from_pretrained(path, hf.read_config(path), num_hidden_layers=num_layers or None)
-  return model.bert if isinstance(model, bert.BertForSequenceClassification) else model
-
-
 def title_embeddings(text_tower: bert.BertModel, source: input_pipeline.RecordSource,
                      tokenizer: TitleTokenizer, batch_size: int, mesh: jax.sharding.Mesh
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -126,8 +119,8 @@ def _cached_title_embeddings(directory: str, split: str, compute: Callable[[], t
     with np.load(path) as cached:
       return cached["ids"], cached["embeddings"]
   ids, embeddings = compute()
-  if jax.process_index() == 0:
-    np.savez(path, ids=ids, embeddings=embeddings)
+  if workdir.is_writer():
+    workdir.write_atomically(path, lambda partial: np.savez(partial, ids=ids, embeddings=embeddings))
   return ids, embeddings
 
 
@@ -176,19 +169,32 @@ def evaluate(eval_step: Callable, params: Any, source: input_pipeline.RecordSour
   return {name: float(value) / num_batches for name, value in totals.items()}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
-  """Trains (or with config.mode='eval' only restores) the tower, exports it, writes metrics.json."""
-  from jmmshap import builders  # pylint: disable=g-import-not-at-top
+def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  problems: list[str] = []
+  config_checks.check_clip_tower(problems, config.model.clip, config.data.image_size, prefix)
+  return problems
 
-  if config.mode not in ("train", "eval"):
-    raise ValueError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
-  directory = train_lib.stage_dir(workdir, STAGE)
+
+def make_loss(graphdef: nnx.GraphDef) -> train_lib.LossFn:
+  """The CLIP loss of a batch of photos against their titles' (precomputed) embeddings."""
+
+  def loss_fn(params, model_state, batch):
+    del model_state  # The tower has none (no BatchNorm, no dropout).
+    logits = nnx.merge(graphdef, params)(batch["pixel_values"], batch["title_embedding"])
+    return clip_loss(logits), ({"accuracy": batch_metrics(logits, batch["label"])["accuracy"]}, None)
+
+  return loss_fn
+
+
+def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, float]]:
+  """Trains (or with config.mode='eval' only restores) the tower, exports it, writes metrics.json."""
+  directory = workdir.stage_dir(root, STAGE)
   os.makedirs(directory, exist_ok=True)
   mesh = parallel.make_mesh()
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   parallel.check_batch_size(config.batch_size)
-  builder = builders.prepare(config.data)
-  splits = train_lib.SPLITS
+  builder = builders.prepare_in_process_order(config.data)
+  splits = builders.SPLITS
   titles = {split: builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
             for split in splits}
   photos = {split: builder.as_data_source(split) for split in splits}
@@ -203,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     def compute(split=split):
       nonlocal text_tower
       if text_tower is None:
-        text_tower = load_text_tower(config.text_tower, config.text_layers)
+        text_tower = bert.encoder_from_pretrained(config.text_tower, config.text_layers)
       logging.info("clip_pretrain: embedding the %s titles with the locked text tower", split)
       return title_embeddings(text_tower, titles[split], tokenizer, config.eval_batch_size, mesh)
     ids, embeddings = _cached_title_embeddings(directory, split, compute)
@@ -220,103 +226,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     return batch_metrics(logits, batch["label"])
 
   eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  latest_manager, best_manager = train_lib._checkpoint_managers(directory, config)  # pylint: disable=protected-access
-  if config.mode == "train":
-    _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, latest_manager,
-           best_manager)
-  latest_manager.close()
-  best_manager.close()
 
-  abstract = {"params": params}
-  best, best_metrics = train_lib.restore_best(
-      directory, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                              abstract))
+  def evaluate_split(split: str, params: Any) -> dict[str, float]:
+    return evaluate(eval_step, params, photos[split], pairs[split], config.batch_size, mesh)
+
+  if config.mode == "train":
+    train_lib.fit(
+        config, directory, STAGE, params=params, model_state=None, loss_fn=make_loss(graphdef),
+        train_source=photos["train"], preprocess=pairs["train"],
+        evaluate=lambda state: evaluate_split("validation", state["params"]),
+        selection=SELECTION, best_model=lambda state: {"params": state["params"]}, mesh=mesh)
+
+  best, best_metrics = checkpoints.restore_best(
+      directory, checkpoints.abstract({"params": params}, replicated))
   logging.info("clip_pretrain: best checkpoint at step %s (validation loss %.4f)",
                best_metrics.get("step"), best_metrics.get("loss", float("nan")))
-  report = {split: evaluate(eval_step, best["params"], photos[split], pairs[split],
-                            config.batch_size, mesh) for split in train_lib.EVAL_SPLITS}
-  if jax.process_index() == 0:
+  report = {split: evaluate_split(split, best["params"]) for split in builders.EVAL_SPLITS}
+  if workdir.is_writer():
     trained = nnx.merge(graphdef, best["params"])
-    clip_vision.save_pretrained(trained.vision, os.path.join(directory, EXPORT_DIR))
-    with open(os.path.join(directory, "metrics.json"), "w") as f:
-      json.dump(report, f, indent=2)
+    clip_vision.save_pretrained(trained.vision, os.path.join(directory, workdir.EXPORT))
+    workdir.write_json(os.path.join(directory, workdir.METRICS), report)
   for split, values in report.items():
     logging.info("clip_pretrain %s: %s", split, json.dumps(values))
   return report
-
-
-def _train(config, directory, photos, pairs, graphdef, params, mesh, eval_step, latest_manager,
-           best_manager) -> None:
-  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  total_steps, eval_every, checkpoint_every, log_every = train_lib.step_plan(
-      config, len(photos["train"]))
-  optimizer, schedule = train_lib.make_optimizer(config.optimizer, total_steps)
-
-  def train_step(state, batch):
-    def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(batch["pixel_values"], batch["title_embedding"])
-      return clip_loss(logits), logits
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state}
-    return new_state, {"loss": loss, "accuracy": batch_metrics(logits, batch["label"])["accuracy"]}
-
-  state = parallel.replicate({"step": jnp.zeros((), jnp.int32), "params": params,
-                              "opt_state": optimizer.init(params)}, mesh)
-  start_step = latest_manager.latest_step() or 0
-  logger = train_lib.Logger(os.path.join(directory, "log.jsonl"))
-  best_loss = math.inf
-  if start_step:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            state)
-    state = latest_manager.restore(start_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
-    logger.truncate_after(start_step)
-    if best_manager.latest_step() is not None:
-      best_loss = best_manager.restore(best_manager.latest_step(), args=ocp.args.Composite(
-          metrics=ocp.args.JsonRestore()))["metrics"]["loss"]
-    logging.info("clip_pretrain: resumed from step %d of %d", start_step, total_steps)
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
-  if start_step >= total_steps:
-    return
-
-  train_step = jax.jit(train_step, in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  batches = input_pipeline.prefetch(
-      input_pipeline.train_batches(photos["train"], pairs["train"], global_batch_size=config.batch_size,
-                                   seed=config.seed, start_step=start_step),
-      transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
-  progress = tqdm(total=total_steps, initial=start_step, desc=STAGE, unit="step",
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
-  pending, window_start = [], time.perf_counter()
-  for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics = train_step(state, next(batches))
-    pending.append(step_metrics)  # Read back only at log intervals: no host sync per step.
-    progress.update(1)
-    if step % log_every == 0 or step == total_steps:
-      record = train_lib.train_record(step, pending, float(schedule(step - 1)),
-                                      len(pending) * config.batch_size,
-                                      time.perf_counter() - window_start)
-      logger.write(record)
-      progress.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_sec']:.0f}")
-      pending, window_start = [], time.perf_counter()
-    if step % eval_every == 0 or step == total_steps:
-      scores = evaluate(eval_step, state["params"], photos["validation"], pairs["validation"],
-                        config.batch_size, mesh)
-      logger.write({"split": "validation", "step": step, **scores})
-      if scores["loss"] < best_loss:
-        best_loss = scores["loss"]
-        best_manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state["params"]}),
-            metrics=ocp.args.JsonSave({"step": step, **scores})))
-      window_start = time.perf_counter()
-    if step % checkpoint_every == 0 or step == total_steps:
-      latest_manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  progress.close()
-  latest_manager.wait_until_finished()
-  best_manager.wait_until_finished()
-  if jax.process_index() == 0:
-    plots.training_curves(logger.records, os.path.join(directory, ""), STAGE)

@@ -41,36 +41,25 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
-import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jmmshap import builders, input_pipeline, parallel, shapley, stages, train_lib
+from jmmshap import input_pipeline, parallel, shapley
 from jmmshap.models import mmbt as mmbt_lib
 from jmmshap.tokenizer import TitleTokenizer
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TEXT, IMAGE, NO_PLAYER = 0, 1, -1  # player_modality codes.
 TEXT_GROUPINGS = ("words", "tokens")
 VALUES = ("logit", "log_prob", "log_odds", "contrast")
 TARGETS = ("predicted", "label")
 METHODS = ("auto", "exact", "kernel", "permutation")
-SPLITS = ("validation", "test")
-OUTPUT_DIR = "mmshap"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,173 +613,3 @@ def summarize(t_shap: np.ndarray, exact: np.ndarray, labels: np.ndarray, class_n
       entry["designed_text_share"] = designed_text_share.get(name)
     per_class.append(entry)
   return {**_share_stats(t_shap, exact), "per_class": per_class}
-
-
-def _histogram(t_shap: np.ndarray, path: str, title: str) -> None:
-  figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
-  defined = t_shap[np.isfinite(t_shap)]
-  axis.hist(defined, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-  axis.set_xlim(0, 1)
-  axis.set_xlabel("T-SHAP (text share; V-SHAP = 1 - T-SHAP)")
-  axis.set_ylabel("examples")
-  axis.set_title(f"{title} ({defined.size} of {t_shap.size} examples defined)")
-  figure.tight_layout()
-  figure.savefig(path)
-  plt.close(figure)
-
-
-def _per_class_bars(summary: dict, path: str, title: str) -> None:
-  entries = summary["per_class"]
-  names = [f"{e['class']} (n={e['count']})" for e in entries]
-  means = [np.nan if e["t_shap_mean"] is None else e["t_shap_mean"] for e in entries]
-  stds = [0.0 if e["t_shap_std"] is None else e["t_shap_std"] for e in entries]
-  figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 5), dpi=100)
-  positions = np.arange(len(names))
-  axis.bar(positions, means, yerr=stds, color="tab:blue", alpha=0.8, capsize=3,
-           label="measured T-SHAP (mean, std)")
-  designed = [e.get("designed_text_share") for e in entries]
-  if any(d is not None for d in designed):
-    axis.scatter(positions, [np.nan if d is None else d for d in designed], marker="_", s=400,
-                 color="tab:red", zorder=3, label="designed text share")
-  axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-  axis.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
-  axis.set_ylim(0, 1.05)
-  axis.set_ylabel("T-SHAP")
-  axis.set_title(title, pad=28)
-  axis.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-  figure.tight_layout()
-  figure.savefig(path)
-  plt.close(figure)
-
-
-# --------------------------------------------------------------------------------------------------
-# The stage.
-
-
-def options_from_config(config: ml_collections.ConfigDict) -> Options:
-  return Options(
-      text_players=config.text_players, tokens_per_player=config.tokens_per_player,
-      max_text_players=config.max_text_players, value=config.value, method=config.method,
-      max_exact_players=config.max_exact_players, budget=config.budget,
-      chunk_size=config.chunk_size, examples_per_group=config.examples_per_group,
-      seed=config.seed)
-
-
-def data_config(config: ml_collections.ConfigDict,
-                mmbt_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The MMBT's own data config; this stage's config may only say where the data now lives."""
-  if config.variant != mmbt_config.variant:
-    raise ValueError(
-        f"config.variant={config.variant!r} but the MMBT in the workdir was trained on "
-        f"{mmbt_config.variant!r}: use --config=configs/mmshap.py:{mmbt_config.variant}.")
-  data = ml_collections.ConfigDict(mmbt_config.data.to_dict())
-  for key, value in config.data.items():
-    if value is not None:
-      data[key] = value
-  return data
-
-
-def _targets(config: ml_collections.ConfigDict, labels: np.ndarray,
-             class_names: Sequence[str]) -> np.ndarray | None:
-  if config.target == "predicted":
-    return None
-  if config.target == "label":
-    return labels
-  if config.target in class_names:
-    return np.full(len(labels), list(class_names).index(config.target), np.int32)
-  raise ValueError(f"config.target={config.target!r}; use one of {TARGETS} or a class name "
-                   f"({', '.join(class_names)}).")
-
-
-def _groups(source: input_pipeline.RecordSource, count: int, size: int,
-            preprocess: input_pipeline.Preprocessor) -> Iterator[tuple[np.ndarray, dict]]:
-  for start in range(0, count, size):
-    indices = np.arange(start, min(start + size, count))
-    yield indices, preprocess(input_pipeline.read_records(source, indices))
-
-
-def explain_split(explainer: Explainer, source: input_pipeline.RecordSource,
-                  preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
-                  class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
-  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings."""
-  count = len(source) if not config.max_examples else min(config.max_examples, len(source))
-  group = explainer.options.examples_per_group
-  results, labels, ids = [], [], []
-  progress = tqdm(total=count, desc=f"mmshap {split}", unit="ex", dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
-  started, evaluations = time.perf_counter(), 0
-  for indices, batch in input_pipeline.prefetch(_groups(source, count, group, preprocess)):
-    result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
-                               indices=indices, progress=progress)
-    evaluations += int(result.num_evaluations.sum())
-    progress.set_postfix(coalitions_s=f"{evaluations / (time.perf_counter() - started):,.0f}")
-    results.append(result)
-    labels.append(batch["label"])
-    ids.append(batch["id"])
-  progress.close()
-  seconds = time.perf_counter() - started
-  result = Result.concatenate(results)
-  arrays = {
-      "ids": np.concatenate(ids).astype(str), "labels": np.concatenate(labels).astype(np.int32),
-      "predictions": result.predictions, "targets": result.targets, "t_shap": result.t_shap,
-      "v_shap": result.v_shap, "phi": result.phi, "player_modality": result.player_modality,
-      "exact": result.exact, "value_full": result.value_full, "value_empty": result.value_empty,
-      "num_evaluations": result.num_evaluations, "class_names": np.asarray(class_names),
-  }
-  if result.player_names is not None:
-    arrays["player_names"] = result.player_names
-  timing = {"seconds": seconds, "examples_per_s": count / seconds,
-            "coalitions_per_s": evaluations / seconds, "num_evaluations": evaluations}
-  return arrays, timing
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """MM-SHAP of the trained MMBT in `workdir/mmbt` on validation and test -> `workdir/mmshap/`.
-
-  Writes mmshap_{split}.npz (ids, labels, predictions, targets, t_shap, v_shap, phi,
-  player_modality, player_names, exact, value_full, value_empty, num_evaluations, class_names),
-  summary.json (per split: shares over the split and per true class, counts, exact counts,
-  timings; with toyshop data each class's designed text share) and, per split,
-  t_shap_histogram_{split}.png and t_shap_per_class_{split}.png. Returns the summary.
-  """
-  mmbt_dir = train_lib.stage_dir(workdir, stages.MMBT.name)
-  if not os.path.isdir(os.path.join(mmbt_dir, "best")):
-    raise FileNotFoundError(
-        f"{mmbt_dir} holds no trained MMBT (no best/ checkpoint): train the mmbt stage into this "
-        f"workdir first: python train.py --config=configs/mmbt.py:{config.variant} "
-        f"--workdir={workdir}")
-  trained = train_lib.load_trained(workdir, stages.MMBT)
-  model = with_masking(trained.model, config.get("text_masking"), config.get("image_masking"))
-  options = options_from_config(config)
-  explainer = Explainer(model, options, tokenizer=trained.tokenizer)
-  builder = builders.prepare(data_config(config, trained.config))
-  reliance = builders.class_reliance(builder)
-  designed = None if reliance is None else {c["name"]: c["text_share"] for c in reliance}
-  directory = os.path.join(workdir, OUTPUT_DIR)
-  os.makedirs(directory, exist_ok=True)
-  summary = {
-      "class_names": trained.class_names, "value": options.value, "target": config.target,
-      "method": options.method, "max_exact_players": options.max_exact_players,
-      "text_players": options.text_players, "text_masking": model.config.text_masking,
-      "image_masking": model.config.image_masking, "splits": {},
-  }
-  for split in config.get("splits", SPLITS):
-    arrays, timing = explain_split(explainer, builder.as_data_source(split), trained.preprocess,
-                                   config=config, class_names=trained.class_names, split=split)
-    split_summary = summarize(arrays["t_shap"], arrays["exact"], arrays["labels"],
-                              trained.class_names, designed)
-    split_summary.update(timing)
-    summary["splits"][split] = split_summary
-    logging.info("mmshap %s: T-SHAP %s over %d examples (%d exact), %.1f examples/s", split,
-                 split_summary["t_shap_mean"], split_summary["count"], split_summary["num_exact"],
-                 timing["examples_per_s"])
-    if jax.process_index() == 0:
-      np.savez(os.path.join(directory, f"mmshap_{split}.npz"), **arrays)
-      _histogram(arrays["t_shap"], os.path.join(directory, f"t_shap_histogram_{split}.png"),
-                 f"MM-SHAP {split}")
-      _per_class_bars(split_summary, os.path.join(directory, f"t_shap_per_class_{split}.png"),
-                      f"MM-SHAP per class, {split}")
-  if jax.process_index() == 0:
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  return summary

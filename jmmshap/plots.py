@@ -1,4 +1,5 @@
-"""PNG figures people look at: training curves (the paper's Fig. 2 and 3) and confusion matrices."""
+"""PNG figures people look at: training curves (the paper's Fig. 2 and 3), confusion matrices,
+per-class F1 and the MM-SHAP shares."""
 
 from __future__ import annotations
 
@@ -76,3 +77,42 @@ def per_class_f1(f1_by_method: dict[str, np.ndarray], class_names: Sequence[str]
   figure.savefig(path)
   plt.close(figure)
   return path
+
+
+def t_shap_histogram(t_shap: np.ndarray, path: str, title: str) -> None:
+  """How the per-example text shares of a split spread (NaN shares left out, and counted)."""
+  figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+  defined = t_shap[np.isfinite(t_shap)]
+  axis.hist(defined, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+  axis.set_xlim(0, 1)
+  axis.set_xlabel("T-SHAP (text share; V-SHAP = 1 - T-SHAP)")
+  axis.set_ylabel("examples")
+  axis.set_title(f"{title} ({defined.size} of {t_shap.size} examples defined)")
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+
+
+def t_shap_per_class(summary: dict, path: str, title: str) -> None:
+  """Mean T-SHAP per class with its std, and the designed share where the data has one."""
+  entries = summary["per_class"]
+  names = [f"{e['class']} (n={e['count']})" for e in entries]
+  means = [np.nan if e["t_shap_mean"] is None else e["t_shap_mean"] for e in entries]
+  stds = [0.0 if e["t_shap_std"] is None else e["t_shap_std"] for e in entries]
+  figure, axis = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 5), dpi=100)
+  positions = np.arange(len(names))
+  axis.bar(positions, means, yerr=stds, color="tab:blue", alpha=0.8, capsize=3,
+           label="measured T-SHAP (mean, std)")
+  designed = [e.get("designed_text_share") for e in entries]
+  if any(d is not None for d in designed):
+    axis.scatter(positions, [np.nan if d is None else d for d in designed], marker="_", s=400,
+                 color="tab:red", zorder=3, label="designed text share")
+  axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+  axis.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
+  axis.set_ylim(0, 1.05)
+  axis.set_ylabel("T-SHAP")
+  axis.set_title(title, pad=28)
+  axis.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from jmmshap.models import hf
 
@@ -94,7 +95,6 @@ class TitleTokenizer:
     if os.path.isfile(config_file):
       with open(config_file) as f:
         lowercase = bool(json.load(f).get("do_lower_case", True))
-    from tokenizers.implementations import BertWordPieceTokenizer  # pylint: disable=g-import-not-at-top
     wordpiece = BertWordPieceTokenizer(vocab_file, lowercase=lowercase, strip_accents=lowercase)
     return cls(wordpiece._tokenizer, max_length)  # pylint: disable=protected-access
 

@@ -1,31 +1,25 @@
-"""The training loop shared by every classifier stage (text, image, mmbt).
+"""The one training loop of the pipeline: the classifier stages and clip_pretrain train through `fit`.
 
-The model is an NNX module, but the loop is functional: `nnx.split` gives a static graph and pure
-states (params, other model state such as BatchNorm statistics and dropout RNG counters), one jitted
-step maps (train state, batch) -> (train state, metrics) with the state replicated and donated and the
-batch sharded over the `data` mesh axis. Everything a resumed run needs (params, model state, optimizer
-state, step) is one Orbax checkpoint, and the data order is a function of the step, so a run restarted
+The models are NNX modules, but the loop is functional: `nnx.split` gives a static graph and pure
+states (params, other model state such as BatchNorm statistics and dropout RNG counters), and one
+jitted step maps (train state, batch) -> (train state, metrics) with the state replicated and
+donated and the batch sharded over the `data` mesh axis. A stage gives the loop what differs: its
+loss (`LossFn`), its validation scores, and the score that selects the best model (`Selection`).
+The loop does the rest: optimiser and schedule, sharding, prefetching, logging, checkpoints.
+
+Everything a resumed run needs (params, model state, optimizer state, step) is one Orbax checkpoint
+(`checkpoints.StageCheckpoints`), and the data order is a function of the step, so a run restarted
 from its latest checkpoint ends exactly where an uninterrupted one does.
-
-Stage directory layout (`{workdir}/{stage}/`):
-  checkpoints/        latest full train states (resume)
-  best/               params + model state with the best validation macro F1 (eval, later stages)
-  tokenizer.json      the title tokenizer the stage was trained with
-  config.json         the config of the run
-  class_names.json    label index -> class name
-  log.jsonl           one JSON record per log interval and per evaluation
-  loss.png, accuracy.png   training curves
-  metrics.json        {"validation": {...}, "test": {...}} of the best checkpoint
-  logits_{validation,test}.npz   logits, labels, ids, class_names
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,29 +27,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-import tensorflow_datasets as tfds
 from absl import logging
-from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jmmshap import checkpoints, input_pipeline, metrics, parallel, plots
-from jmmshap.tokenizer import TOKENIZER_FILE, TitleTokenizer
+from jmmshap import checkpoints, input_pipeline, parallel, plots, workdir
 
-SPLITS = ("train", "validation", "test")
-EVAL_SPLITS = ("validation", "test")
-CLASS_NAMES_FILE = "class_names.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierStage:
-  """What differs between the text, image and multimodal learners."""
-  name: str
-  inputs: tuple[str, ...]  # batch keys passed to the model by name, e.g. ("input_ids", ...)
-  build_model: Callable[[ml_collections.ConfigDict, int, TitleTokenizer | None], nnx.Module]
-  uses_text: bool
-  uses_image: bool
+# (params, model state or None, batch) -> (loss, (step metrics, new model state or None)).
+LossFn = Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, tuple[dict, Any]]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,99 +76,31 @@ def make_optimizer(config: ml_collections.ConfigDict,
   return optimizer, schedule
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pure steps.
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def make_train_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
-                    optimizer: optax.GradientTransformation) -> Callable:
-  """(state, batch) -> (state, metrics); state = {step, params, model_state, opt_state}."""
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
+  """(state, batch) -> (state, metrics); state = {step, params, opt_state[, model_state]}."""
 
   def train_step(state, batch):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["model_state"])
-      logits = model(**{name: batch[name] for name in inputs})["logits"]
-      _, _, model_state = nnx.split(model, nnx.Param, ...)
-      return cross_entropy(logits, batch["label"]).mean(), (logits, nnx.as_pure(model_state))
+    def objective(params):
+      return loss_fn(params, state.get("model_state"), batch)
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, (step_metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                 "model_state": model_state, "opt_state": opt_state}
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new_state, {"loss": loss, "accuracy": accuracy}
+    new_state = {**state, "step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
+    if model_state is not None:
+      new_state["model_state"] = model_state
+    return new_state, {"loss": loss, **step_metrics}
 
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...]) -> Callable:
-  def eval_step(params, model_state, batch):
-    model = nnx.merge(graphdef, params, model_state)
-    return model(**{name: batch[name] for name in inputs})["logits"].astype(jnp.float32)
-  return eval_step
-
-
 # ---------------------------------------------------------------------------------------------------
-# The run.
-
-
-def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
-
-
-def load_or_train_tokenizer(config: ml_collections.ConfigDict, directory: str,
-                            train_source: input_pipeline.RecordSource) -> TitleTokenizer:
-  """The stage's saved tokenizer, else a checkpoint's (data.tokenizer or init_from), else train one."""
-  saved = os.path.join(directory, TOKENIZER_FILE)
-  max_length = config.data.max_length
-  if os.path.isfile(saved):
-    return TitleTokenizer.from_folder(directory, max_length=max_length)
-  folder = config.data.get("tokenizer") or config.get("init_from")
-  if folder:
-    tokenizer = TitleTokenizer.from_folder(folder, max_length=max_length)
-  else:
-    titles = (input_pipeline.as_text(r["title"]) for r in
-              _iterate(train_source, batch_size=1024))
-    tokenizer = TitleTokenizer.train(titles, vocab_size=config.data.vocab_size, max_length=max_length)
-  if jax.process_index() == 0:
-    write_atomically(saved, tokenizer.save)
-  return tokenizer
-
-
-def _iterate(source: input_pipeline.RecordSource, batch_size: int) -> Iterator[dict]:
-  for start in range(0, len(source), batch_size):
-    yield from input_pipeline.read_records(source, range(start, min(start + batch_size, len(source))))
-
-
-def write_atomically(path: str, write: Callable[[str], Any]) -> None:
-  """`write(partial)` then a rename over `path`: a run killed mid-write leaves the old file or none.
-
-  A resumed run reads tokenizer.json back, and later stages read config.json and the outputs; half a
-  file would break them. Another process reading `path` meanwhile sees one whole version.
-  """
-  root, extension = os.path.splitext(path)
-  partial = f"{root}.partial-{os.getpid()}{extension}"  # np.savez insists on its extension.
-  write(partial)
-  os.replace(partial, path)
-
-
-def _write_json(path: str, value: Any) -> None:
-  def write(partial):
-    with open(partial, "w") as f:
-      json.dump(value, f, indent=2)
-  write_atomically(path, write)
-
-
-def make_preprocessor(config: ml_collections.ConfigDict, stage: ClassifierStage,
-                      tokenizer: TitleTokenizer | None) -> input_pipeline.Preprocessor:
-  return input_pipeline.Preprocessor(
-      tokenizer, config.data.image_size if stage.uses_image else None,
-      config.data.get("image_mean", input_pipeline.IMAGENET_MEAN),
-      config.data.get("image_std", input_pipeline.IMAGENET_STD))
+# Bookkeeping.
 
 
 class Logger:
@@ -212,7 +122,7 @@ class Logger:
           logging.warning("%s: ignoring the unfinished last line %r", path, line)
 
   def write(self, record: dict) -> None:
-    if jax.process_index() != 0:
+    if not workdir.is_writer():
       return
     self.records.append(record)
     with open(self.path, "a") as f:
@@ -221,11 +131,8 @@ class Logger:
   def truncate_after(self, step: int) -> None:
     """A resumed run drops what its killed predecessor logged past the checkpoint it restarts from."""
     self.records = [r for r in self.records if r.get("step", 0) <= step]
-    if jax.process_index() == 0 and os.path.isfile(self.path):
-      def write(partial):
-        with open(partial, "w") as f:
-          f.writelines(json.dumps(r) + "\n" for r in self.records)
-      write_atomically(self.path, write)
+    if workdir.is_writer() and os.path.isfile(self.path):
+      workdir.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
 
 def step_plan(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int, int, int]:
@@ -250,264 +157,100 @@ def train_record(step: int, window: list[dict], learning_rate: float, examples: 
           "examples_per_sec": examples / max(elapsed, 1e-9) if examples else None}
 
 
-def evaluate(eval_step: Callable, params: Any, model_state: Any,
-             source: input_pipeline.RecordSource, preprocess: input_pipeline.Preprocessor,
-             batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
-  """Logits for every example of a split, in the split's order, with labels and ids."""
-  num_examples = len(source)
-  logits = None
-  labels = np.zeros(num_examples, np.int32)
-  ids = np.empty(num_examples, dtype=object)
-  batches = input_pipeline.prefetch(
-      input_pipeline.eval_batches(source, preprocess, global_batch_size=batch_size))
-  for batch in batches:
-    batch_logits = multihost_utils.process_allgather(
-        eval_step(params, model_state, parallel.to_global(batch, mesh)), tiled=True)
-    index = multihost_utils.process_allgather(batch["index"], tiled=True)
-    batch_labels = multihost_utils.process_allgather(batch["label"], tiled=True)
-    if logits is None:
-      logits = np.zeros((num_examples, batch_logits.shape[-1]), np.float32)
-    real = index >= 0
-    logits[index[real]] = batch_logits[real]
-    labels[index[real]] = batch_labels[real]
-    local = batch["index"] >= 0
-    ids[batch["index"][local]] = batch["id"][local]
-  if jax.process_count() > 1:  # Each process saw only its own rows' ids.
-    missing = np.flatnonzero(ids == None)  # pylint: disable=singleton-comparison
-    for i, record in zip(missing, input_pipeline.read_records(source, missing)):
-      ids[i] = input_pipeline.as_text(record["id"])
-  return {"logits": logits, "labels": labels, "ids": ids.astype(str)}
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """The validation score that picks the model kept in `best/` (and used by every later stage)."""
+  metric: str
+  higher_is_better: bool
+
+  @property
+  def worst(self) -> float:
+    return -math.inf if self.higher_is_better else math.inf
+
+  def improves(self, score: float, best: float) -> bool:
+    return score > best if self.higher_is_better else score < best
 
 
-def _best_handlers() -> dict:
-  # Handlers (not just item names) so that a checkpoint's metadata can be read before restoring.
-  return {"model": ocp.StandardCheckpointHandler(), "metrics": ocp.JsonCheckpointHandler()}
+# ---------------------------------------------------------------------------------------------------
+# The loop.
 
 
-def _checkpoint_managers(directory: str, config: ml_collections.ConfigDict):
-  """Resumable train states and the best model (see `checkpoints.manager` for why a kill mid-save
-  loses nothing and why the two may save the same step at once)."""
-  latest = checkpoints.manager(os.path.join(directory, "checkpoints"),
-                               {"state": ocp.StandardCheckpointHandler()},
-                               max_to_keep=config.get("keep_checkpoints", 2), create=True)
-  best = checkpoints.manager(os.path.join(directory, "best"), _best_handlers(), max_to_keep=1,
-                             create=True)
-  return latest, best
+def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params: Any,
+        model_state: Any, loss_fn: LossFn, train_source: input_pipeline.RecordSource,
+        preprocess: Callable, evaluate: Callable[[dict], dict[str, float]], selection: Selection,
+        best_model: Callable[[dict], Any], mesh: jax.sharding.Mesh,
+        augment: Callable | None = None) -> None:
+  """Trains from `params` (or resumes from the newest checkpoint in `directory`) to the end.
 
-
-def restore_best(directory: str, abstract_model: dict) -> tuple[dict, dict]:
-  """(params + model_state, validation metrics) of the best checkpoint of a stage."""
-  path = os.path.join(directory, "best")
-  manager = checkpoints.manager(path, _best_handlers())
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{path}: no checkpoint to restore; train the stage first "
-                            "(run without --config.mode=eval).")
-  checkpoints.check_matches(manager, step, "model", abstract_model, path)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore(abstract_model), metrics=ocp.args.JsonRestore()))
-  manager.close()
-  return restored["model"], restored["metrics"]
-
-
-@dataclasses.dataclass
-class TrainedStage:
-  """A finished classifier stage, restored for later stages (MM-SHAP, the meta-model)."""
-  model: nnx.Module  # In eval mode, with the best checkpoint's weights.
-  config: ml_collections.ConfigDict
-  tokenizer: TitleTokenizer | None
-  class_names: list[str]
-  preprocess: input_pipeline.Preprocessor
-
-
-def load_trained(workdir: str, stage: ClassifierStage) -> TrainedStage:
-  """Rebuilds a stage's model from its saved config and restores its best checkpoint."""
-  directory = stage_dir(workdir, stage.name)
-  paths = [os.path.join(directory, name) for name in ("config.json", CLASS_NAMES_FILE)]
-  for path in paths:
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found: train the {stage.name} stage into {workdir} first "
-                              f"(python train.py --config=configs/{stage.name}.py --workdir={workdir}).")
-  with open(paths[0]) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  with open(paths[1]) as f:
-    class_names = json.load(f)
-  tokenizer = (TitleTokenizer.from_folder(directory, max_length=config.data.max_length)
-               if stage.uses_text else None)
-  model = stage.build_model(config, len(class_names), tokenizer)
-  model.eval()
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  abstract = _abstract({"params": nnx.as_pure(params), "model_state": nnx.as_pure(model_state)},
-                       parallel.replicated(parallel.make_mesh()))
-  best, _ = restore_best(directory, abstract)
-  preprocess = make_preprocessor(config, stage, tokenizer)
-  return TrainedStage(nnx.merge(graphdef, best["params"], best["model_state"]), config, tokenizer,
-                      class_names, preprocess)
-
-
-def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def write_outputs(directory: str, results: dict[str, dict[str, np.ndarray]], class_names: list[str],
-                  num_classes: int) -> dict[str, dict[str, float]]:
-  """metrics.json and logits_{split}.npz from evaluated splits."""
-  report = {}
-  for split, result in results.items():
-    report[split] = metrics.classification_metrics(result["labels"], result["logits"].argmax(-1),
-                                                   num_classes)
-    if jax.process_index() == 0:
-      arrays = {"logits": result["logits"], "labels": result["labels"], "ids": result["ids"],
-                "class_names": np.asarray(class_names)}
-      write_atomically(os.path.join(directory, f"logits_{split}.npz"),
-                       lambda partial, arrays=arrays: np.savez(partial, **arrays))
-  if jax.process_index() == 0:
-    _write_json(os.path.join(directory, "metrics.json"), report)
-  return report
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stage: ClassifierStage) -> dict[str, dict[str, float]]:
-  """Trains (or with config.mode='eval' only restores) a classifier stage and writes its outputs."""
-  from jmmshap import builders  # pylint: disable=g-import-not-at-top
-
-  if config.mode not in ("train", "eval"):
-    raise ValueError(f"config.mode={config.mode!r}: use 'train' or 'eval'")
-  directory = stage_dir(workdir, stage.name)
-  os.makedirs(directory, exist_ok=True)
-  mesh = parallel.make_mesh()
-  # Process 0 builds the dataset alone; the others then find it ready (on a shared disk) or build
-  # their own copy, never racing process 0 into the same directory.
-  if jax.process_index() == 0:
-    builder = builders.prepare(config.data)
-  multihost_utils.sync_global_devices("jmmshap: dataset prepared")
-  if jax.process_index() != 0:
-    builder = builders.prepare(config.data)
-  # A text-only stage never looks at the photos: leave them encoded instead of decoding every one.
-  decoders = None if stage.uses_image else {"image": tfds.decode.SkipDecoding()}
-  sources = {split: builder.as_data_source(split, decoders=decoders) for split in SPLITS}
-  class_names = list(builder.info.features["label"].names)
-  num_classes = len(class_names)
-  tokenizer = (load_or_train_tokenizer(config, directory, sources["train"])
-               if stage.uses_text else None)
-  preprocess = make_preprocessor(config, stage, tokenizer)
-
-  if jax.process_index() == 0:
-    _write_json(os.path.join(directory, CLASS_NAMES_FILE), class_names)
-  model = stage.build_model(config, num_classes, tokenizer)
-  model.train()
-  train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  model.eval()
-  eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
-  params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
-  del model
-
-  replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.data_sharded(mesh)
-  eval_batch_size = config.get("eval_batch_size") or config.batch_size
-  parallel.check_batch_size(eval_batch_size, "eval_batch_size")
-  eval_step = jax.jit(make_eval_step(eval_graphdef, stage.inputs),
-                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
-  latest_manager, best_manager = _checkpoint_managers(directory, config)
-
-  if config.mode == "train":
-    _train(config, directory, stage, sources, preprocess, train_graphdef, params, model_state, mesh,
-           eval_step, eval_batch_size, num_classes, latest_manager, best_manager)
-  latest_manager.close()
-  best_manager.close()
-
-  abstract_model = _abstract({"params": params, "model_state": model_state}, replicated)
-  best, best_metrics = restore_best(directory, abstract_model)
-  logging.info("%s: evaluating the best checkpoint (step %s, validation f1_macro %.4f)", stage.name,
-               best_metrics.get("step"), best_metrics.get("f1_macro", float("nan")))
-  results = {split: evaluate(eval_step, best["params"], best["model_state"], sources[split],
-                             preprocess, eval_batch_size, mesh) for split in EVAL_SPLITS}
-  report = write_outputs(directory, results, class_names, num_classes)
-  for split in EVAL_SPLITS:
-    logging.info("%s %s: %s", stage.name, split, json.dumps(report[split]))
-  return report
-
-
-def _train(config, directory, stage, sources, preprocess, graphdef, params, model_state, mesh,
-           eval_step, eval_batch_size, num_classes, latest_manager, best_manager) -> None:
-  replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.data_sharded(mesh)
+  `evaluate(state)` gives the validation scores (every `eval_every`, and after the last step);
+  `best_model(state)` is what `best/` keeps when `selection` says they improved. Writes config.json,
+  log.jsonl, the checkpoints and the training curves.
+  """
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   parallel.check_batch_size(config.batch_size)
-  total_steps, eval_every, checkpoint_every, log_every = step_plan(config, len(sources["train"]))
+  total_steps, eval_every, checkpoint_every, log_every = step_plan(config, len(train_source))
   optimizer, schedule = make_optimizer(config.optimizer, total_steps)
-
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
-           "opt_state": optimizer.init(params)}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+  if model_state is not None:
+    state["model_state"] = model_state
   state = parallel.replicate(state, mesh)
-  start_step = latest_manager.latest_step() or 0
-  logger = Logger(os.path.join(directory, "log.jsonl"))
-  # A run killed before its first checkpoint may still have logged and saved a best model: replaying
-  # the same steps reproduces both, so only the log needs trimming.
-  logger.truncate_after(start_step)
-  best_f1 = -1.0
-  if best_manager.latest_step() is not None:
-    best_f1 = best_manager.restore(best_manager.latest_step(), args=ocp.args.Composite(
-        metrics=ocp.args.JsonRestore()))["metrics"]["f1_macro"]
-  if start_step:
-    abstract_state = _abstract(state, replicated)
-    checkpoints.check_matches(latest_manager, start_step, "state", abstract_state,
-                              os.path.join(directory, "checkpoints"))
-    state = latest_manager.restore(start_step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))["state"]
-    logging.info("%s: resumed from step %d of %d", stage.name, start_step, total_steps)
-  if jax.process_index() == 0:
-    def write_config(partial):
-      with open(partial, "w") as f:
-        f.write(config.to_json(indent=2))
-    write_atomically(os.path.join(directory, "config.json"), write_config)
-  if start_step >= total_steps:
-    return
 
-  train_step = jax.jit(make_train_step(graphdef, stage.inputs, optimizer),
-                       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
-                       donate_argnums=0)
-  augment = input_pipeline.random_flip if config.get("random_flip") else None  # Image stage only.
-  batches = input_pipeline.prefetch(
-      input_pipeline.train_batches(sources["train"], preprocess, global_batch_size=config.batch_size,
-                                   seed=config.seed, start_step=start_step, augment=augment),
-      transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
-  progress = tqdm(total=total_steps, initial=start_step, desc=stage.name, unit="step",
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
-  pending, window_start, window_steps = [], time.perf_counter(), 0
-  for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics = train_step(state, next(batches))
-    pending.append(step_metrics)  # Stays on device until the next log interval.
-    window_steps += 1
-    progress.update(1)
-    if step == start_step + 1 and step != total_steps:  # Throughput excludes the compilation.
-      jax.block_until_ready(step_metrics)
-      window_start, window_steps = time.perf_counter(), 0
-    if step % log_every == 0 or step == total_steps:
-      record = train_record(step, pending, float(schedule(step - 1)),
-                            window_steps * config.batch_size, time.perf_counter() - window_start)
-      logger.write(record)
-      progress.set_postfix(loss=f"{record['loss']:.4f}",
-                           ex_s=f"{record['examples_per_sec'] or 0:.0f}")
-      pending, window_start, window_steps = [], time.perf_counter(), 0
-    if step % eval_every == 0 or step == total_steps:
-      result = evaluate(eval_step, state["params"], state["model_state"], sources["validation"],
-                        preprocess, eval_batch_size, mesh)
-      scores = metrics.classification_metrics(result["labels"], result["logits"].argmax(-1),
-                                              num_classes)
-      loss = float(cross_entropy(result["logits"], result["labels"]).mean())
-      logger.write({"split": "validation", "step": step, "loss": loss, **scores})
-      if scores["f1_macro"] > best_f1:
-        best_f1 = scores["f1_macro"]
-        best_manager.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state["params"],
-                                         "model_state": state["model_state"]}),
-            metrics=ocp.args.JsonSave({"step": step, **scores})))
-      window_start = time.perf_counter()  # Evaluation time is not training throughput.
-    if step % checkpoint_every == 0 or step == total_steps:
-      latest_manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  progress.close()
-  # Every process joined every save above, in the same order; all of them are complete here.
-  latest_manager.wait_until_finished()
-  best_manager.wait_until_finished()
-  if jax.process_index() == 0:
-    plots.training_curves(logger.records, os.path.join(directory, ""), stage.name)
+  store = checkpoints.StageCheckpoints(directory, config.get("keep_checkpoints", 2))
+  try:
+    start_step = store.latest_step()
+    logger = Logger(os.path.join(directory, workdir.LOG))
+    # A run killed before its first checkpoint may still have logged and saved a best model:
+    # replaying the same steps reproduces both, so only the log needs trimming.
+    logger.truncate_after(start_step)
+    saved_best = store.best_scores()
+    best_score = selection.worst if saved_best is None else saved_best[selection.metric]
+    if start_step:
+      state = store.restore_latest(start_step, checkpoints.abstract(state, replicated))
+      logging.info("%s: resumed from step %d of %d", name, start_step, total_steps)
+    if workdir.is_writer():
+      workdir.write_text(os.path.join(directory, workdir.CONFIG), config.to_json(indent=2))
+    if start_step >= total_steps:
+      return
+
+    train_step = jax.jit(make_train_step(loss_fn, optimizer),
+                         in_shardings=(replicated, batch_sharding),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+    batches = input_pipeline.prefetch(
+        input_pipeline.train_batches(train_source, preprocess, global_batch_size=config.batch_size,
+                                     seed=config.seed, start_step=start_step, augment=augment),
+        transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
+    progress = tqdm(total=total_steps, initial=start_step, desc=name, unit="step",
+                    disable=not workdir.is_writer(), dynamic_ncols=True)
+    pending, window_start, window_steps = [], time.perf_counter(), 0
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics = train_step(state, next(batches))
+      pending.append(step_metrics)  # Stays on device until the next log interval.
+      window_steps += 1
+      progress.update(1)
+      if step == start_step + 1 and step != total_steps:  # Throughput excludes the compilation.
+        jax.block_until_ready(step_metrics)
+        window_start, window_steps = time.perf_counter(), 0
+      if step % log_every == 0 or step == total_steps:
+        record = train_record(step, pending, float(schedule(step - 1)),
+                              window_steps * config.batch_size, time.perf_counter() - window_start)
+        logger.write(record)
+        progress.set_postfix(loss=f"{record['loss']:.4f}",
+                             ex_s=f"{record['examples_per_sec'] or 0:.0f}")
+        pending, window_start, window_steps = [], time.perf_counter(), 0
+      if step % eval_every == 0 or step == total_steps:
+        scores = evaluate(state)
+        logger.write({"split": "validation", "step": step, **scores})
+        if selection.improves(scores[selection.metric], best_score):
+          best_score = scores[selection.metric]
+          store.save_best(step, best_model(state), scores)
+        window_start = time.perf_counter()  # Evaluation time is not training throughput.
+      if step % checkpoint_every == 0 or step == total_steps:
+        store.save_latest(step, state)
+    progress.close()
+    batches.close()  # Stops the prefetch thread.
+    # Every process joins every save above in the same order; all of them are complete here.
+    store.wait_until_finished()
+    if workdir.is_writer():
+      plots.training_curves(logger.records, os.path.join(directory, ""), name)
+  finally:
+    store.close()

@@ -41,7 +41,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from jmmshap import builders
+from jmmshap import builders, catalog
 from jmmshap import metrics
 
 try:
@@ -110,7 +110,7 @@ def image_pixels(path: str) -> np.ndarray:
   """The photo in RGB, resized to 24x32, flattened uint8.
 
   A photo that does not decode is handed to the builder's own check, so a rejected row gets the
-  builder's verdict and reason (missing / unreadable / corrupt image) as `builders._ImageProblem`.
+  builder's verdict and reason (missing / unreadable / corrupt image) as `catalog.ImageProblem`.
   """
   try:
     with Image.open(path) as image:
@@ -118,7 +118,7 @@ def image_pixels(path: str) -> np.ndarray:
       small = image.convert("RGB").resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.BILINEAR)
       return np.asarray(small, np.uint8).reshape(-1)
   except Exception as error:  # pylint: disable=broad-except  # PIL raises many types for bad files.
-    builders._encoded_rgb_image(path)  # pylint: disable=protected-access  # Raises _ImageProblem.
+    catalog.encoded_rgb_image(path)  # Raises catalog.ImageProblem.
     raise RuntimeError(f"{path}: the builder accepts this image but it failed to resize") from error
 
 
@@ -130,33 +130,33 @@ def load_splits(manual_dir: str, task: str, class_names: Sequence[str], *, on_ba
   'bad_rows': [{'split', 'line', 'id', 'file', 'reason'}]}. `pixel_cache` (path -> pixels) lets
   several tasks on one catalogue decode each photo once.
   """
-  on_bad_row = builders._check_on_bad_row(on_bad_row)  # pylint: disable=protected-access
-  catalog = builders._fashion_catalog(manual_dir, task)  # pylint: disable=protected-access
+  on_bad_row = catalog.check_on_bad_row(on_bad_row)
+  products = catalog.fashion_catalog(manual_dir, task)
   pixel_cache = {} if pixel_cache is None else pixel_cache
   label_index = {name: i for i, name in enumerate(class_names)}
-  bad_rows: list[builders.BadRow] = []
+  bad_rows: list[catalog.BadRow] = []
 
-  def reject(bad: builders.BadRow) -> None:
+  def reject(bad: catalog.BadRow) -> None:
     if on_bad_row == "error":
-      raise builders.BadRowError(
-          f"Bad row in {catalog.csv_path}, line {bad.line} (id {bad.id!r}): {bad.reason}"
-          f"{'' if bad.file == catalog.csv_path else ': ' + bad.file}. Fix or remove the row, or "
+      raise catalog.BadRowError(
+          f"Bad row in {products.csv_path}, line {bad.line} (id {bad.id!r}): {bad.reason}"
+          f"{'' if bad.file == products.csv_path else ': ' + bad.file}. Fix or remove the row, or "
           "pass --on_bad_row=skip to skip bad rows (they are then counted in the output JSON).")
     bad_rows.append(bad)
 
-  for bad in catalog.bad_rows:
+  for bad in products.bad_rows:
     reject(bad)
   excluded = collections.Counter()
-  columns = {split: {"ids": [], "titles": [], "pixels": [], "labels": []} for split in builders.SPLITS}
-  for row in catalog.rows:
+  columns = {split: {"ids": [], "titles": [], "pixels": [], "labels": []} for split in catalog.SPLITS}
+  for row in products.rows:
     if row.label not in label_index:
       excluded[row.split] += 1
       continue
     if row.image_path not in pixel_cache:
       try:
         pixel_cache[row.image_path] = image_pixels(row.image_path)
-      except builders._ImageProblem as problem:  # pylint: disable=protected-access
-        reject(builders.BadRow(row.split, row.line, row.id, row.image_path, problem.reason))
+      except catalog.ImageProblem as problem:
+        reject(catalog.BadRow(row.split, row.line, row.id, row.image_path, problem.reason))
         continue
     split = columns[row.split]
     split["ids"].append(row.id)
@@ -167,14 +167,14 @@ def load_splits(manual_dir: str, task: str, class_names: Sequence[str], *, on_ba
   splits = {}
   for name, split in columns.items():
     if not split["ids"]:
-      raise ValueError(f"{catalog.csv_path}: split {name!r} has no usable {task} rows of the "
+      raise ValueError(f"{products.csv_path}: split {name!r} has no usable {task} rows of the "
                        f"{len(class_names)} selected classes; every split needs at least one.")
     splits[name] = Split(split["ids"], split["titles"], np.stack(split["pixels"]),
                          np.asarray(split["labels"], np.int64))
   skipped = collections.Counter(bad.split for bad in bad_rows)
   report = {
-      "excluded_by_selection": {name: excluded.get(name, 0) for name in builders.SPLITS},
-      "skipped": {name: skipped.get(name, 0) for name in (*builders.SPLITS, builders.UNASSIGNED)},
+      "excluded_by_selection": {name: excluded.get(name, 0) for name in catalog.SPLITS},
+      "skipped": {name: skipped.get(name, 0) for name in (*catalog.SPLITS, catalog.UNASSIGNED)},
       "bad_rows": [dataclasses.asdict(bad) for bad in sorted(bad_rows, key=lambda bad: bad.line)],
   }
   return splits, report
@@ -278,7 +278,7 @@ def run_task(manual_dir: str, task: str, *, on_bad_row: str = "error",
   return {
       "classes": class_names,
       "class_selection": TASKS[task],
-      **{f"num_{name}": len(splits[name]) for name in builders.SPLITS},
+      **{f"num_{name}": len(splits[name]) for name in catalog.SPLITS},
       "train_count_by_class": dict(zip(class_names, np.bincount(splits["train"].labels,
                                                                minlength=num_classes).tolist())),
       **report,

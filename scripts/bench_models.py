@@ -6,9 +6,9 @@
 
 (from the repository root; PYTHONPATH is not needed once the package is pip-installed).
 
-What is timed is what the stages run: `train_lib.make_train_step` (the functional step over
+What is timed is what the stages run: `classifier.make_train_step` (the functional step over
 `nnx.split` states, with `train_lib.make_optimizer`'s AdamW, clipping and weight-decay mask, dropout
-on, BatchNorm in training mode) and `train_lib.make_eval_step` (eval mode), jitted with train_lib's
+on, BatchNorm in training mode) and `classifier.make_eval_step` (eval mode), jitted with train_lib's
 shardings: params and optimizer state replicated (and donated in training), the batch split over
 the `data` axis of a mesh over every device. One random batch per size is drawn on the devices,
 already sharded, so no host transfer is timed. Each program is compiled once (`lower().compile()`,
@@ -46,7 +46,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jmmshap import parallel, train_lib
+from jmmshap import classifier, parallel, train_lib
 from jmmshap.models import bert, clip_vision, mmbt, resnet
 
 Batch = dict[str, jax.Array]
@@ -265,7 +265,7 @@ def compile_forward(model: nnx.Module, inputs: tuple[str, ...], batch: Batch,
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   replicated = parallel.replicated(mesh)
   params, model_state = jax.device_put((nnx.as_pure(params), nnx.as_pure(model_state)), replicated)
-  eval_step = jax.jit(train_lib.make_eval_step(graphdef, inputs),
+  eval_step = jax.jit(classifier.make_eval_step(graphdef, inputs),
                       in_shardings=(replicated, replicated, parallel.data_sharded(mesh)),
                       out_shardings=parallel.data_sharded(mesh))
   lowered = eval_step.lower(params, model_state, batch)
@@ -293,7 +293,7 @@ def compile_train(model: nnx.Module, inputs: tuple[str, ...], batch: Batch,
            "opt_state": optimizer.init(params)}
   # A copy: the step donates its state, which must not free the model's own arrays.
   state = jax.device_put(state, replicated, may_alias=False)
-  step = jax.jit(train_lib.make_train_step(graphdef, inputs, optimizer),
+  step = jax.jit(classifier.make_train_step(graphdef, inputs, optimizer),
                  in_shardings=(replicated, parallel.data_sharded(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
   lowered = step.lower(state, batch)

@@ -12,12 +12,12 @@ Cases (`bench_report.CASES`, named alike in bench_torch.py):
   clip_vit_b32_forward_b1024        CLIP ViT-B/32 vision tower to its pooled output, 224 px
   bert_forward_b1024                BERT-base sequence classification eval step, L = 128
 
-What is timed is what ships. Train cases: `train_lib.make_train_step` with
+What is timed is what ships. Train cases: `classifier.make_train_step` with
 `train_lib.make_optimizer`'s AdamW (weight-decay mask, global-norm clipping, warm-up + cosine
 schedule; the text and image stages' optimizer), dropout on, BatchNorm in training mode, jitted as
 `train_lib` jits it: the state replicated by `parallel.replicate` and donated, the batch split over
 the `data` axis of `parallel.make_mesh()`, i.e. over every device, so the same command is data
-parallel on an 8-GPU host. Forward cases: BERT runs `train_lib.make_eval_step`; CLIP has no
+parallel on an 8-GPU host. Forward cases: BERT runs `classifier.make_eval_step`; CLIP has no
 classifier head, so its case runs the tower's `pooler_output`, the per-image work of the MMBT and
 MM-SHAP. Params are float32; `--dtype` is the compute dtype (`config.dtype` of the stages).
 
@@ -61,7 +61,7 @@ from flax import nnx
 import bench_models
 import bench_report
 
-from jmmshap import parallel, train_lib
+from jmmshap import classifier, parallel, train_lib
 from jmmshap.models import bert, clip_vision
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -193,7 +193,7 @@ class Program:
 
 def train_program(model: nnx.Module, inputs: tuple[str, ...], batch: dict[str, jax.Array],
                   mesh: jax.sharding.Mesh) -> Program:
-  """train_lib's train step, jitted, sharded and donated as `train_lib._train` does."""
+  """train_lib's train step, jitted, sharded and donated as `train_lib.fit` does."""
   model.train()
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
@@ -202,7 +202,7 @@ def train_program(model: nnx.Module, inputs: tuple[str, ...], batch: dict[str, j
            "opt_state": optimizer.init(params)}
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   state = parallel.replicate(state, mesh)
-  step = jax.jit(train_lib.make_train_step(graphdef, inputs, optimizer),
+  step = jax.jit(classifier.make_train_step(graphdef, inputs, optimizer),
                  in_shardings=(replicated, batch_sharding), out_shardings=(replicated, replicated),
                  donate_argnums=0)
 
@@ -228,7 +228,7 @@ def forward_program(model: nnx.Module, inputs: tuple[str, ...], batch: dict[str,
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params, model_state = parallel.replicate((nnx.as_pure(params), nnx.as_pure(model_state)), mesh)
   if output == "logits":
-    forward = train_lib.make_eval_step(graphdef, inputs)
+    forward = classifier.make_eval_step(graphdef, inputs)
   else:
     def forward(params, model_state, batch):
       module = nnx.merge(graphdef, params, model_state)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmmshap import meta, stages
+from jmmshap import pipeline, workdir
 
 TABLE_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
 
@@ -58,26 +58,25 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   seeds = [int(seed) for seed in flags.FLAGS.seeds]
-  workdir = flags.FLAGS.workdir
+  root = flags.FLAGS.workdir
   reports = []
   for seed in seeds:
     config = flags.FLAGS.config.copy_and_resolve_references()
     config.seed = seed
     config.output_dir = f"meta_seed{seed}"
-    missing = [stage for stage in meta.UPSTREAM if stage in config.stages
-               and not all(os.path.isfile(p) for p in meta.final_outputs(workdir, stage))]
+    missing = [stage for stage in pipeline.UPSTREAM if stage in config.stages
+               and workdir.missing(root, stage, pipeline.REGISTRY[stage].writes)]
     if missing:
-      raise SystemExit(f"{workdir}: stages {', '.join(missing)} are not finished; run "
-                       f"`python train.py --config=configs/meta.py:{config.variant} --workdir={workdir}` "
+      raise SystemExit(f"{root}: stages {', '.join(missing)} are not finished; run "
+                       f"`python train.py --config=configs/meta.py:{config.variant} --workdir={root}` "
                        "first (this script retrains only the meta-models).")
-    stages.run(config, workdir)
-    with open(os.path.join(workdir, config.output_dir, "metrics.json")) as f:
-      reports.append(json.load(f))
+    pipeline.run(config, root)
+    reports.append(workdir.read_json(os.path.join(root, config.output_dir, workdir.METRICS)))
   summary = aggregate(reports)
-  with open(os.path.join(workdir, "meta_seeds.json"), "w") as f:
+  with open(os.path.join(root, "meta_seeds.json"), "w") as f:
     json.dump({"seeds": seeds, "methods": summary}, f, indent=2)
   table = markdown(summary, seeds)
-  with open(os.path.join(workdir, "meta_seeds.md"), "w") as f:
+  with open(os.path.join(root, "meta_seeds.md"), "w") as f:
     f.write(table)
   print(table)
 

@@ -32,7 +32,10 @@ import matplotlib
 import numpy as np
 from absl import app, flags
 
-from jmmshap import toyshop
+import jax
+from flax import nnx
+
+from jmmshap import builders, classifier, input_pipeline, mmshap, mmshap_stage, toyshop, workdir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -75,12 +78,12 @@ class ClassShare:
     return self.mean - self.designed
 
 
-def designed_classes(workdir: str) -> list[toyshop.ClassInfo]:
-  """The toyshop classes the MMBT in `workdir` was trained on, from its saved data config."""
-  path = os.path.join(workdir, "mmbt", "config.json")
+def designed_classes(root: str) -> list[toyshop.ClassInfo]:
+  """The toyshop classes the MMBT in `root` was trained on, from its saved data config."""
+  path = workdir.path(root, classifier.MMBT.name, workdir.CONFIG)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} holds no trained MMBT; run "
-                            f"python train.py --config=configs/meta.py --workdir={workdir}")
+    raise FileNotFoundError(f"{path} not found: {root} holds no trained MMBT; run "
+                            f"python train.py --config=configs/meta.py --workdir={root}")
   with open(path) as f:
     data = json.load(f).get("data", {})
   if data.get("name") != "toyshop":
@@ -93,12 +96,12 @@ def designed_classes(workdir: str) -> list[toyshop.ClassInfo]:
   return toyshop.classes(spec)
 
 
-def load_shares(workdir: str, split: str) -> dict[str, np.ndarray]:
+def load_shares(root: str, split: str) -> dict[str, np.ndarray]:
   """t_shap, labels, targets and class_names of W/mmshap/mmshap_{split}.npz."""
-  path = os.path.join(workdir, "mmshap", f"mmshap_{split}.npz")
+  path = workdir.path(root, mmshap_stage.STAGE, workdir.shares_file(split))
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: run the mmshap stage into {workdir} "
-                            f"(python train.py --config=configs/mmshap.py --workdir={workdir}).")
+    raise FileNotFoundError(f"{path} not found: run the mmshap stage into {root} "
+                            f"(python train.py --config=configs/mmshap.py --workdir={root}).")
   with np.load(path) as arrays:
     missing = {"t_shap", "labels", "targets", "class_names"} - set(arrays.files)
     if missing:
@@ -106,9 +109,9 @@ def load_shares(workdir: str, split: str) -> dict[str, np.ndarray]:
     return {key: arrays[key] for key in ("t_shap", "labels", "targets", "class_names")}
 
 
-def mmshap_settings(workdir: str) -> dict[str, Any]:
+def mmshap_settings(root: str) -> dict[str, Any]:
   """How the shares were computed (value, target, maskings), from W/mmshap/summary.json."""
-  path = os.path.join(workdir, "mmshap", "summary.json")
+  path = workdir.path(root, mmshap_stage.STAGE, workdir.SUMMARY)
   if not os.path.isfile(path):
     return {}
   with open(path) as f:
@@ -180,15 +183,15 @@ def group_summary(shares: Sequence[ClassShare]) -> dict[str, dict[str, float]]:
   return groups
 
 
-def variant_report(name: str, workdir: str, split: str, resamples: int = 2000) -> dict[str, Any]:
+def variant_report(name: str, root: str, split: str, resamples: int = 2000) -> dict[str, Any]:
   """The JSON entry of one workdir: its MM-SHAP settings, per-class shares, groups and MAD."""
-  classes = designed_classes(workdir)
-  arrays = load_shares(workdir, split)
+  classes = designed_classes(root)
+  arrays = load_shares(root, split)
   shares = per_class_shares(arrays["t_shap"], arrays["labels"], classes,
                             class_names=arrays["class_names"].tolist(), resamples=resamples)
   return {
-      "name": name, "workdir": os.path.abspath(workdir), "split": split,
-      "settings": mmshap_settings(workdir),
+      "name": name, "workdir": os.path.abspath(root), "split": split,
+      "settings": mmshap_settings(root),
       "num_examples": int(arrays["labels"].size),
       "num_explaining_another_class": int((arrays["targets"] != arrays["labels"]).sum()),
       "mad": mean_absolute_deviation(shares),
@@ -271,17 +274,13 @@ def corner_table(probabilities: Mapping[str, np.ndarray], labels: np.ndarray,
   return table
 
 
-def modality_table(workdir: str, split: str, batch_size: int = 100) -> list[dict[str, Any]]:
-  """`corner_table` of the workdir's MMBT on a split, each modality masked as its MM-SHAP run did.
+def modality_table(root: str, split: str, batch_size: int = 100) -> list[dict[str, Any]]:
+  """`corner_table` of the root's MMBT on a split, each modality masked as its MM-SHAP run did.
 
   The masking comes from W/mmshap/summary.json's text_masking / image_masking.
   """
-  import jax  # pylint: disable=g-import-not-at-top  (only this option needs the model)
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jmmshap import builders, input_pipeline, mmshap, stages, train_lib  # pylint: disable=g-import-not-at-top
-
-  settings = mmshap_settings(workdir)
-  trained = train_lib.load_trained(workdir, stages.MMBT)
+  settings = mmshap_settings(root)
+  trained = classifier.load_trained(root, classifier.MMBT)
   model = mmshap.with_masking(trained.model, settings.get("text_masking"),
                               settings.get("image_masking"))
   graphdef, state = nnx.split(model)
@@ -323,8 +322,8 @@ def _finite_or_none(tree: Any) -> Any:
 def _named(workdirs: Sequence[str]) -> list[tuple[str, str]]:
   named = []
   for entry in workdirs:
-    name, sep, workdir = entry.partition("=")
-    named.append((name, workdir) if sep else (os.path.basename(os.path.normpath(entry)), entry))
+    name, sep, root = entry.partition("=")
+    named.append((name, root) if sep else (os.path.basename(os.path.normpath(entry)), entry))
   duplicates = {name for name, _ in named if [n for n, _ in named].count(name) > 1}
   if duplicates:
     raise ValueError(f"variant names {sorted(duplicates)} repeat: label them NAME=WORKDIR.")
@@ -335,10 +334,10 @@ def write_reports(workdirs: Sequence[str], out: str, *, split: str = "test", boo
                   with_modality_table: bool = False) -> list[dict]:
   """toyshop_reliance.{json,png} in `out` for workdirs given as WORKDIR or NAME=WORKDIR."""
   reports = []
-  for name, workdir in _named(workdirs):
-    report = variant_report(name, workdir, split, bootstrap)
+  for name, root in _named(workdirs):
+    report = variant_report(name, root, split, bootstrap)
     if with_modality_table:
-      report["modality_table"] = modality_table(workdir, split)
+      report["modality_table"] = modality_table(root, split)
     reports.append(report)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "toyshop_reliance.json"), "w") as f:

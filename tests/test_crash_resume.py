@@ -19,11 +19,11 @@ TOTAL = STEPS["total_steps"]
 
 
 @pytest.fixture(scope="module")
-def restarted(tmp_path_factory):
+def restarted(tmp_path_factory, tiny):
   """An uninterrupted run, and the same command SIGKILLed after its first checkpoint, then rerun."""
   root = tmp_path_factory.mktemp("crash")
-  overrides = {**train_subprocess.TINY_TEXT, **STEPS, "data.data_dir": str(root / "tfds")}
-  builders.prepare(train_subprocess.text_config_with(overrides).data)
+  overrides = tiny.overrides("text", str(root / "tfds"), STEPS)
+  builders.prepare(tiny.config("text", str(root / "tfds"), STEPS).data)
   # The runs share compiled programs: only the first one compiles.
   env = train_subprocess.cpu_env(device_count=2, compilation_cache=str(root / "jax_cache"))
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import train_subprocess
 
-from jmmshap import builders, input_pipeline, parallel, stages
+from jmmshap import builders, input_pipeline, parallel, pipeline
 
 STEPS = {"total_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 2, "log_every_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory, tiny):
   """(one process with 2 devices, 2 processes with 1 device each) workdirs of the same config."""
   root = tmp_path_factory.mktemp("distributed")
-  overrides = {**train_subprocess.TINY_TEXT, **STEPS, "data.data_dir": str(root / "tfds")}
-  config = train_subprocess.text_config_with(overrides)
+  overrides = tiny.overrides("text", str(root / "tfds"), STEPS)
+  config = tiny.config("text", str(root / "tfds"), STEPS)
   builders.prepare(config.data)  # Before the processes start, so none of them builds it.
   single, multi = str(root / "single"), str(root / "multi")
   address = f"127.0.0.1:{train_subprocess.free_port()}"
@@ -32,7 +32,7 @@ def two_runs(tmp_path_factory):
     processes.append(train_subprocess.start(command, env, str(root / f"process{index}.log")))
   try:
     assert jax.device_count() == 2 and jax.process_count() == 1
-    stages.run(config, single)  # Here, while the two processes run.
+    pipeline.run(config, single)  # Here, while the two processes run.
   finally:
     train_subprocess.finish_all(processes)  # Both logs on failure; never leaves a process behind.
   return single, multi

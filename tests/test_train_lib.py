@@ -1,4 +1,5 @@
-"""One train -> stop -> resume -> eval cycle of the text stage on toyshop, on 2 fake CPU devices."""
+"""The training loop: one train -> stop -> resume -> eval cycle of the text stage on toyshop, on 2 fake
+CPU devices; the optimizer."""
 
 import json
 import os
@@ -12,23 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import text as text_config
-from jmmshap import checkpoints, metrics, stages, train_lib
+from jmmshap import checkpoints, metrics, pipeline, train_lib
 
 
-def _tiny_text_config(data_dir: str) -> ml_collections.ConfigDict:
-  config = text_config.get_config("toyshop")
-  config.data.data_dir = data_dir
-  config.data.toyshop.update(train_per_class=6, validation_per_class=2, test_per_class=3)
-  config.data.max_length = 12
-  config.data.vocab_size = 200
-  config.model.update(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.total_steps = 6
-  config.eval_every_steps = 3
-  config.checkpoint_every_steps = 3
-  config.log_every_steps = 2
-  return config
+# 72 training titles (6 per class), 36 test; validation and checkpoints at steps 3 and 6.
+TEXT = {"data.toyshop.train_per_class": 6, "data.toyshop.test_per_class": 3, "data.max_length": 12,
+        "total_steps": 6, "eval_every_steps": 3, "checkpoint_every_steps": 3, "log_every_steps": 2}
 
 
 def _latest_params(workdir: str, step: int) -> list[np.ndarray]:
@@ -38,11 +28,11 @@ def _latest_params(workdir: str, step: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny):
   root = tmp_path_factory.mktemp("train_lib")
-  config = _tiny_text_config(str(root / "tfds"))
+  config = tiny.config("text", str(root / "tfds"), TEXT)
   workdir = str(root / "uninterrupted")
-  report = stages.run(config, workdir)
+  report = pipeline.run(config, workdir)
   return config, root, workdir, report
 
 
@@ -79,7 +69,7 @@ def test_resumed_run_ends_with_the_same_params_as_an_uninterrupted_one(trained):
   shutil.rmtree(os.path.join(stage, "checkpoints", "6"))
   for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
     os.remove(os.path.join(stage, name))
-  resumed_report = stages.run(config, resumed)
+  resumed_report = pipeline.run(config, resumed)
   for split in ("validation", "test"):
     assert resumed_report[split] == pytest.approx(report[split])
   for ours, theirs in zip(_latest_params(resumed, 6), _latest_params(workdir, 6)):
@@ -94,7 +84,7 @@ def test_eval_mode_restores_the_best_checkpoint_and_reproduces_metrics(trained):
   os.remove(os.path.join(workdir, "text", "metrics.json"))
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.mode = "eval"
-  assert stages.run(eval_config, workdir) == report
+  assert pipeline.run(eval_config, workdir) == report
 
 
 def test_eval_mode_with_another_model_config_names_the_differing_parameters(trained):
@@ -105,7 +95,7 @@ def test_eval_mode_with_another_model_config_names_the_differing_parameters(trai
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"(?s)text/best \(step \d\) was written by a model of another config:\n.*"
                            r"intermediate/kernel: \(16, 32\) in the checkpoint, \(16, 48\) in the model"):
-    stages.run(other, workdir)
+    pipeline.run(other, workdir)
 
 
 def test_optimizer_decays_matrices_but_not_biases():
@@ -124,8 +114,8 @@ def test_unknown_stage_and_mode_are_refused(tmp_path):
   config = text_config.get_config()
   config.stage = "txet"
   with pytest.raises(ValueError, match="known stages"):
-    stages.run(config, str(tmp_path))
+    pipeline.run(config, str(tmp_path))
   config = text_config.get_config()
   config.mode = "evaluate"
   with pytest.raises(ValueError, match="use 'train' or 'eval'"):
-    stages.run(config, str(tmp_path))
+    pipeline.run(config, str(tmp_path))

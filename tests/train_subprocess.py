@@ -17,35 +17,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs import text as text_config
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
-
-# A 1-layer BERT of width 16 on 72 toyshop titles: seconds per run, all of it compilation.
-TINY_TEXT = {
-    "data.toyshop.train_per_class": 6, "data.toyshop.validation_per_class": 2,
-    "data.toyshop.test_per_class": 3, "data.max_length": 12, "data.vocab_size": 200,
-    "model.hidden_size": 16, "model.num_hidden_layers": 1, "model.num_attention_heads": 2,
-    "model.intermediate_size": 32, "batch_size": 16, "eval_batch_size": 16,
-}
-
-
-def text_config_with(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The toyshop text config with dotted-key overrides, as `--config.a.b=v` flags would set them."""
-  config = text_config.get_config("toyshop")
-  for key, value in overrides.items():
-    *parents, name = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return config
-
 
 def train_command(workdir: str, overrides: Mapping[str, Any], *flags: str) -> list[str]:
   return [sys.executable, TRAIN, "--config=configs/text.py", f"--workdir={workdir}",

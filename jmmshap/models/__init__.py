@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jmmshap.models import hf
+from jmmshap.models import bert, clip_vision, hf, resnet
 from jmmshap.models.hf import CheckpointError
 
 
@@ -17,20 +17,15 @@ def from_pretrained(path: str, **kwargs: Any) -> tuple[Any, Any]:
   ResNetForImageClassification, or a torchvision ResNet state-dict file. Keyword arguments go to the
   model file's own `from_pretrained` (e.g. `num_labels`, `dtype`, `param_dtype`, `rngs`).
   """
-  # pylint: disable=g-import-not-at-top
   if os.path.isfile(path):
-    from jmmshap.models import resnet
     return resnet.from_torchvision(path, **kwargs)
   hf_config = hf.read_config(path)
   model_type = hf_config.get("model_type")
   if model_type == "bert":
-    from jmmshap.models import bert
     return bert.from_pretrained(path, hf_config, **kwargs)
   if model_type in ("clip", "clip_vision_model"):
-    from jmmshap.models import clip_vision
     return clip_vision.from_pretrained(path, hf_config, **kwargs)
   if model_type == "resnet":
-    from jmmshap.models import resnet
     return resnet.from_pretrained(path, hf_config, **kwargs)
   raise CheckpointError(
       f"{path}: config.json has model_type={model_type!r}; supported are 'bert', 'clip', "

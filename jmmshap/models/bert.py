@@ -424,3 +424,12 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int 
   model = materialise(loaded_state, rngs if rngs is not None else nnx.Rngs(0))
   model.eval()
   return model, config
+
+
+def encoder_from_pretrained(path: str, num_layers: int = 0, **kwargs: Any) -> BertModel:
+  """The encoder of a HF BERT folder (a classifier's head dropped), cut to its first `num_layers`
+  layers (0: all); keyword arguments as for `from_pretrained` (dtype, param_dtype, rngs)."""
+  model, _ = from_pretrained(path, hf.read_config(path), num_hidden_layers=num_layers or None,
+                             **kwargs)
+  return model.bert if isinstance(model, BertForSequenceClassification) else model
+

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from jmmshap.models import hf, initializers
@@ -274,7 +275,6 @@ def save_pretrained(model: CLIPVisionModel, path: str) -> None:
   A tower trained here (e.g. by the contrastive `clip_pretrain` stage) then loads anywhere a CLIP
   checkpoint does: `from_pretrained` here, or transformers' `CLIPVisionModel.from_pretrained`.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   tensors = {}
   for name, (variable, permutation) in _checkpoint_targets(model).items():
@@ -282,7 +282,8 @@ def save_pretrained(model: CLIPVisionModel, path: str) -> None:
     if permutation is not None:
       value = value.transpose(np.argsort(permutation))
     tensors[f"vision_model.{name}"] = np.ascontiguousarray(value)
-  save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"),
+                              metadata={"format": "pt"})
   config = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"],
             **dataclasses.asdict(model.config)}
   with open(os.path.join(path, "config.json"), "w") as f:

@@ -7,13 +7,17 @@ NNX parameters; the helpers here keep the loading and the error messages the sam
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 
 class CheckpointError(ValueError):
@@ -33,7 +37,6 @@ def resolve_path(path: str | os.PathLike) -> str:
   if not path.startswith(PACKAGE_PREFIX):
     return path
   module, _, folder = path[len(PACKAGE_PREFIX):].partition("/")
-  import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.submodule_search_locations:
     raise CheckpointError(
@@ -69,9 +72,8 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
           "save the checkpoint with `save_pretrained(folder, safe_serialization=True)`.")
     path = os.path.join(path, found[0])
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
-      return dict(load_file(path))
+      return dict(safetensors.numpy.load_file(path))
     except TypeError:
       # bfloat16 tensors have no numpy dtype in safetensors.numpy: go through ml_dtypes.
       return _read_safetensors_bf16(path)
@@ -79,8 +81,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  with safe_open(path, framework="flax") as f:
+  with safetensors.safe_open(path, framework="flax") as f:
     return {name: np.asarray(f.get_tensor(name), dtype=np.float32) for name in f.keys()}
 
 
@@ -152,7 +153,6 @@ def assign_tensors(path: str, tensors: Mapping[str, np.ndarray],
   `axes` permutes the torch layout into ours (e.g. (1, 0) for a Linear weight, (2, 3, 1, 0) for a conv
   kernel OIHW -> HWIO), None for none. Every shape is checked in the torch layout first.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   for name, (variable, axes) in targets.items():
     value = tensors[name]
     torch_shape = variable.shape if axes is None else tuple(

@@ -1,0 +1,383 @@
+"""The classifier stages: text (BERT), image (ResNet) and mmbt (CLIP-MMBT) learners.
+
+A classifier stage is a model builder plus the batch fields the model reads; `train_lib.fit` trains
+it, with the best checkpoint chosen by validation macro F1. Each stage folder (`workdir.py`) ends
+with the best checkpoint's `metrics.json` and `logits_{validation,test}.npz`, which the meta stage
+stacks, and `load_trained` rebuilds a finished stage for MM-SHAP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jmmshap import (builders, checkpoints, config_checks, input_pipeline, metrics, models, parallel,
+                     train_lib, workdir)
+from jmmshap.models import bert, clip_vision, hf, mmbt, resnet
+from jmmshap.tokenizer import TitleTokenizer
+
+SELECTION = train_lib.Selection("f1_macro", higher_is_better=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierStage:
+  """What differs between the text, image and multimodal learners."""
+  name: str
+  inputs: tuple[str, ...]  # batch keys passed to the model by name, e.g. ("input_ids", ...)
+  build_model: Callable[[ml_collections.ConfigDict, int, TitleTokenizer | None], nnx.Module]
+  uses_text: bool
+  uses_image: bool
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models.
+
+
+def _rngs(config: ml_collections.ConfigDict) -> nnx.Rngs:
+  return nnx.Rngs(params=config.seed, dropout=config.seed + 1)
+
+
+def _dtypes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compute dtype from `config.dtype` ("bfloat16" for mixed precision); params stay float32."""
+  return {"dtype": jnp.dtype(config.get("dtype", "float32")), "param_dtype": jnp.float32}
+
+
+def build_bert(model_config: ml_collections.ConfigDict, tokenizer: TitleTokenizer,
+               max_positions: int, rngs: nnx.Rngs, **dtypes: Any) -> bert.BertModel:
+  bert_config = bert.BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=max_positions,
+                                pad_token_id=tokenizer.pad_id, **model_config.to_dict())
+  logging.info("BERT: %s", bert_config)
+  return bert.BertModel(bert_config, rngs=rngs, **dtypes)
+
+
+def resnet_config(model_config: ml_collections.ConfigDict) -> resnet.ResNetConfig:
+  """ResNet of `depth` whose stage widths are `width` x (1, 2, 4, 8) (x4 for bottleneck blocks)."""
+  layer_type, _ = resnet.DEPTH_PRESETS.get(model_config.depth, ("basic", None))
+  expansion = 4 if layer_type == "bottleneck" else 1
+  return resnet.ResNetConfig(
+      depth=model_config.depth, embedding_size=model_config.width, small_stem=model_config.small_stem,
+      hidden_sizes=tuple(model_config.width * expansion * m for m in (1, 2, 4, 8)))
+
+
+def build_text_model(config: ml_collections.ConfigDict, num_classes: int,
+                     tokenizer: TitleTokenizer | None) -> nnx.Module:
+  """BERT for sequence classification: from `init_from` (a HF BERT folder) or from scratch."""
+  rngs, dtypes = _rngs(config), _dtypes(config)
+  if config.get("init_from"):
+    model, _ = bert.from_pretrained(config.init_from, hf.read_config(config.init_from),
+                                    num_labels=num_classes, rngs=rngs, **dtypes)
+    return model
+  bert_config = bert.BertConfig(vocab_size=tokenizer.vocab_size,
+                                max_position_embeddings=config.data.max_length,
+                                pad_token_id=tokenizer.pad_id, **config.model.to_dict())
+  logging.info("BERT: %s", bert_config)
+  return bert.BertForSequenceClassification(bert_config, num_labels=num_classes, rngs=rngs, **dtypes)
+
+
+def build_image_model(config: ml_collections.ConfigDict, num_classes: int,
+                      tokenizer: TitleTokenizer | None) -> nnx.Module:
+  """A ResNet classifier: from `init_from` (HF folder or torchvision file) or from scratch."""
+  del tokenizer
+  rngs, dtypes = _rngs(config), _dtypes(config)
+  if config.get("init_from"):
+    model, _ = models.from_pretrained(config.init_from, num_labels=num_classes, rngs=rngs, **dtypes)
+    return model
+  model_config = resnet_config(config.model)
+  logging.info("ResNet: %s", model_config)
+  return resnet.ResNet(model_config, num_labels=num_classes, rngs=rngs, **dtypes)
+
+
+def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,
+                     tokenizer: TitleTokenizer | None) -> nnx.Module:
+  """CLIP-MMBT (or ResNet-MMBT); each tower from its checkpoint folder or from scratch."""
+  rngs, dtypes = _rngs(config), _dtypes(config)
+  model_config = config.model
+  image_size = config.data.image_size
+  if model_config.image_tower == "clip":
+    if config.get("init_from_image"):
+      vision, _ = clip_vision.from_pretrained(config.init_from_image, image_size=image_size, **dtypes)
+    else:
+      vision = clip_vision.CLIPVisionModel(
+          clip_vision.CLIPVisionConfig(image_size=image_size, **model_config.clip.to_dict()),
+          rngs=rngs, **dtypes)
+  elif model_config.image_tower == "resnet":
+    vision = resnet.ResNet(resnet_config(model_config.resnet), rngs=rngs, **dtypes)
+  else:
+    raise ValueError(f"model.image_tower={model_config.image_tower!r}: use 'clip' or 'resnet'")
+  max_positions = max(config.data.max_length, model_config.num_image_embeddings + 2)
+  text = (bert.encoder_from_pretrained(config.init_from_text, config.get("init_from_text_layers", 0),
+                                       rngs=rngs, **dtypes)
+          if config.get("init_from_text")
+          else build_bert(model_config.bert, tokenizer, max_positions, rngs, **dtypes))
+  mmbt_config = mmbt.MMBTConfig(
+      num_image_embeddings=model_config.num_image_embeddings, cls_token_id=tokenizer.cls_id,
+      sep_token_id=tokenizer.sep_id, mask_token_id=tokenizer.mask_id,
+      text_masking=model_config.text_masking, image_masking=model_config.image_masking,
+      classifier_dropout=model_config.classifier_dropout)
+  return mmbt.MMBT(mmbt_config, text, vision, num_classes, rngs=rngs, **dtypes)
+
+
+TEXT = ClassifierStage(
+    name="text", inputs=("input_ids", "attention_mask", "token_type_ids"),
+    build_model=build_text_model, uses_text=True, uses_image=False)
+IMAGE = ClassifierStage(
+    name="image", inputs=("pixel_values",), build_model=build_image_model,
+    uses_text=False, uses_image=True)
+MMBT = ClassifierStage(
+    name="mmbt", inputs=("input_ids", "attention_mask", "token_type_ids", "pixel_values"),
+    build_model=build_mmbt_model, uses_text=True, uses_image=True)
+
+CLASSIFIERS = {stage.name: stage for stage in (TEXT, IMAGE, MMBT)}
+
+
+def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """The MMBT's model settings (the text and image learners have none that can clash)."""
+  problems: list[str] = []
+  if config.stage != MMBT.name:
+    return problems
+  model = config.model
+  if model.num_image_embeddings not in mmbt.POOLING_GRIDS:
+    problems.append(f"{prefix}model.num_image_embeddings={model.num_image_embeddings} is not in the "
+                    f"pooling table; use one of {sorted(mmbt.POOLING_GRIDS)}.")
+  config_checks.one_of(problems, prefix, "model.text_masking", model.text_masking,
+                       mmbt.TEXT_MASKINGS)
+  config_checks.one_of(problems, prefix, "model.image_masking", model.image_masking,
+                       mmbt.IMAGE_MASKINGS)
+  config_checks.one_of(problems, prefix, "model.image_tower", model.image_tower, ("clip", "resnet"))
+  if model.image_tower == "clip" and not config.get("init_from_image"):
+    config_checks.check_clip_tower(problems, model.clip, config.data.image_size, prefix)
+  return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_loss(graphdef: nnx.GraphDef, inputs: tuple[str, ...]) -> train_lib.LossFn:
+  """Cross-entropy of the model's logits; the model state (BatchNorm, dropout RNG) is carried."""
+
+  def loss_fn(params, model_state, batch):
+    model = nnx.merge(graphdef, params, model_state)
+    logits = model(**{name: batch[name] for name in inputs})["logits"]
+    _, _, model_state = nnx.split(model, nnx.Param, ...)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    loss = train_lib.cross_entropy(logits, batch["label"]).mean()
+    return loss, ({"accuracy": accuracy}, nnx.as_pure(model_state))
+
+  return loss_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
+                    optimizer: Any) -> Callable:
+  """(state, batch) -> (state, metrics); state = {step, params, model_state, opt_state}."""
+  return train_lib.make_train_step(make_loss(graphdef, inputs), optimizer)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...]) -> Callable:
+  def eval_step(params, model_state, batch):
+    model = nnx.merge(graphdef, params, model_state)
+    return model(**{name: batch[name] for name in inputs})["logits"].astype(jnp.float32)
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data.
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, directory: str,
+                            train_source: input_pipeline.RecordSource) -> TitleTokenizer:
+  """The stage's saved tokenizer, else a checkpoint's (data.tokenizer or init_from), else train one."""
+  saved = os.path.join(directory, workdir.TOKENIZER)
+  max_length = config.data.max_length
+  if os.path.isfile(saved):
+    return TitleTokenizer.from_folder(directory, max_length=max_length)
+  folder = config.data.get("tokenizer") or config.get("init_from")
+  if folder:
+    tokenizer = TitleTokenizer.from_folder(folder, max_length=max_length)
+  else:
+    titles = (input_pipeline.as_text(r["title"]) for r in _iterate(train_source, batch_size=1024))
+    tokenizer = TitleTokenizer.train(titles, vocab_size=config.data.vocab_size, max_length=max_length)
+  if workdir.is_writer():
+    workdir.write_atomically(saved, tokenizer.save)
+  return tokenizer
+
+
+def _iterate(source: input_pipeline.RecordSource, batch_size: int) -> Iterator[dict]:
+  for start in range(0, len(source), batch_size):
+    yield from input_pipeline.read_records(source, range(start, min(start + batch_size, len(source))))
+
+
+def make_preprocessor(config: ml_collections.ConfigDict, stage: ClassifierStage,
+                      tokenizer: TitleTokenizer | None) -> input_pipeline.Preprocessor:
+  return input_pipeline.Preprocessor(
+      tokenizer, config.data.image_size if stage.uses_image else None,
+      config.data.get("image_mean", input_pipeline.IMAGENET_MEAN),
+      config.data.get("image_std", input_pipeline.IMAGENET_STD))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation and outputs.
+
+
+def evaluate(eval_step: Callable, params: Any, model_state: Any,
+             source: input_pipeline.RecordSource, preprocess: input_pipeline.Preprocessor,
+             batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+  """Logits for every example of a split, in the split's order, with labels and ids."""
+  num_examples = len(source)
+  logits = None
+  labels = np.zeros(num_examples, np.int32)
+  ids = np.empty(num_examples, dtype=object)
+  batches = input_pipeline.prefetch(
+      input_pipeline.eval_batches(source, preprocess, global_batch_size=batch_size))
+  for batch in batches:
+    batch_logits = multihost_utils.process_allgather(
+        eval_step(params, model_state, parallel.to_global(batch, mesh)), tiled=True)
+    index = multihost_utils.process_allgather(batch["index"], tiled=True)
+    batch_labels = multihost_utils.process_allgather(batch["label"], tiled=True)
+    if logits is None:
+      logits = np.zeros((num_examples, batch_logits.shape[-1]), np.float32)
+    real = index >= 0
+    logits[index[real]] = batch_logits[real]
+    labels[index[real]] = batch_labels[real]
+    local = batch["index"] >= 0
+    ids[batch["index"][local]] = batch["id"][local]
+  if jax.process_count() > 1:  # Each process saw only its own rows' ids.
+    missing = np.flatnonzero(ids == None)  # pylint: disable=singleton-comparison
+    for i, record in zip(missing, input_pipeline.read_records(source, missing)):
+      ids[i] = input_pipeline.as_text(record["id"])
+  return {"logits": logits, "labels": labels, "ids": ids.astype(str)}
+
+
+def validation_scores(result: dict[str, np.ndarray], num_classes: int) -> dict[str, float]:
+  """The validation record of log.jsonl: loss, then the classification metrics."""
+  scores = metrics.classification_metrics(result["labels"], result["logits"].argmax(-1),
+                                          num_classes)
+  loss = float(train_lib.cross_entropy(result["logits"], result["labels"]).mean())
+  return {"loss": loss, **scores}
+
+
+def write_outputs(directory: str, results: dict[str, dict[str, np.ndarray]], class_names: list[str],
+                  num_classes: int) -> dict[str, dict[str, float]]:
+  """metrics.json and logits_{split}.npz from evaluated splits."""
+  report = {}
+  for split, result in results.items():
+    report[split] = metrics.classification_metrics(result["labels"], result["logits"].argmax(-1),
+                                                   num_classes)
+    if workdir.is_writer():
+      arrays = {"logits": result["logits"], "labels": result["labels"], "ids": result["ids"],
+                "class_names": np.asarray(class_names)}
+      workdir.write_atomically(os.path.join(directory, workdir.logits_file(split)),
+                               lambda partial, arrays=arrays: np.savez(partial, **arrays))
+  if workdir.is_writer():
+    workdir.write_json(os.path.join(directory, workdir.METRICS), report)
+  return report
+
+
+@dataclasses.dataclass
+class TrainedStage:
+  """A finished classifier stage, restored for later stages (MM-SHAP, the meta-model)."""
+  model: nnx.Module  # In eval mode, with the best checkpoint's weights.
+  config: ml_collections.ConfigDict
+  tokenizer: TitleTokenizer | None
+  class_names: list[str]
+  preprocess: input_pipeline.Preprocessor
+
+
+def load_trained(root: str, stage: ClassifierStage) -> TrainedStage:
+  """Rebuilds a stage's model from its saved config and restores its best checkpoint."""
+  directory = workdir.stage_dir(root, stage.name)
+  config = workdir.read_config(root, stage.name)
+  class_names_path = os.path.join(directory, workdir.CLASS_NAMES)
+  if not os.path.isfile(class_names_path):
+    raise FileNotFoundError(f"{class_names_path} not found: train the {stage.name} stage into "
+                            f"{root} first (python train.py --config=configs/{stage.name}.py "
+                            f"--workdir={root}).")
+  class_names = workdir.read_json(class_names_path)
+  tokenizer = (TitleTokenizer.from_folder(directory, max_length=config.data.max_length)
+               if stage.uses_text else None)
+  model = stage.build_model(config, len(class_names), tokenizer)
+  model.eval()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  abstract = checkpoints.abstract(
+      {"params": nnx.as_pure(params), "model_state": nnx.as_pure(model_state)},
+      parallel.replicated(parallel.make_mesh()))
+  best, _ = checkpoints.restore_best(directory, abstract)
+  preprocess = make_preprocessor(config, stage, tokenizer)
+  return TrainedStage(nnx.merge(graphdef, best["params"], best["model_state"]), config, tokenizer,
+                      class_names, preprocess)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def run(config: ml_collections.ConfigDict, root: str,
+        stage: ClassifierStage) -> dict[str, dict[str, float]]:
+  """Trains (or with config.mode='eval' only restores) a classifier stage and writes its outputs."""
+  directory = workdir.stage_dir(root, stage.name)
+  os.makedirs(directory, exist_ok=True)
+  mesh = parallel.make_mesh()
+  builder = builders.prepare_in_process_order(config.data)
+  # A text-only stage never looks at the photos: leave them encoded instead of decoding every one.
+  decoders = None if stage.uses_image else {"image": tfds.decode.SkipDecoding()}
+  sources = {split: builder.as_data_source(split, decoders=decoders) for split in builders.SPLITS}
+  class_names = list(builder.info.features["label"].names)
+  num_classes = len(class_names)
+  tokenizer = (load_or_train_tokenizer(config, directory, sources["train"])
+               if stage.uses_text else None)
+  preprocess = make_preprocessor(config, stage, tokenizer)
+
+  if workdir.is_writer():
+    workdir.write_json(os.path.join(directory, workdir.CLASS_NAMES), class_names)
+  model = stage.build_model(config, num_classes, tokenizer)
+  model.train()
+  train_graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  model.eval()
+  eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
+  params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
+  del model
+
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.data_sharded(mesh)
+  eval_batch_size = config.get("eval_batch_size") or config.batch_size
+  parallel.check_batch_size(eval_batch_size, "eval_batch_size")
+  eval_step = jax.jit(make_eval_step(eval_graphdef, stage.inputs),
+                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
+
+  def evaluate_split(split: str, params: Any, model_state: Any) -> dict[str, np.ndarray]:
+    return evaluate(eval_step, params, model_state, sources[split], preprocess, eval_batch_size, mesh)
+
+  if config.mode == "train":
+    augment = input_pipeline.random_flip if config.get("random_flip") else None  # Image stage only.
+    train_lib.fit(
+        config, directory, stage.name, params=params, model_state=model_state,
+        loss_fn=make_loss(train_graphdef, stage.inputs), train_source=sources["train"],
+        preprocess=preprocess,
+        evaluate=lambda state: validation_scores(
+            evaluate_split("validation", state["params"], state["model_state"]), num_classes),
+        selection=SELECTION,
+        best_model=lambda state: {"params": state["params"], "model_state": state["model_state"]},
+        mesh=mesh, augment=augment)
+
+  abstract_model = checkpoints.abstract({"params": params, "model_state": model_state}, replicated)
+  best, best_metrics = checkpoints.restore_best(directory, abstract_model)
+  logging.info("%s: evaluating the best checkpoint (step %s, validation f1_macro %.4f)", stage.name,
+               best_metrics.get("step"), best_metrics.get("f1_macro", float("nan")))
+  results = {split: evaluate_split(split, best["params"], best["model_state"])
+             for split in builders.EVAL_SPLITS}
+  report = write_outputs(directory, results, class_names, num_classes)
+  for split in builders.EVAL_SPLITS:
+    logging.info("%s %s: %s", stage.name, split, json.dumps(report[split]))
+  return report

@@ -1,0 +1,129 @@
+"""The meta stage: every weighting's meta-model, each method evaluated on test, and the report.
+
+Methods (`W/meta/metrics.json`): each base learner alone (text, image, mmbt), `average` (the mean
+of their softmax outputs), and one meta-MLP per `meta.weighting` (`weighting.py`): stacked,
+mmshap_dataset, mmshap_sample. The meta-MLPs train on validation (`meta.py`); every number is on test.
+The pipeline (`pipeline.py`) has run the upstream stages before this one reads their outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jmmshap import config_checks, learner_outputs, meta, metrics, report, weighting, workdir
+from jmmshap.builders import EVAL_SPLITS
+
+STAGE = "meta"
+
+
+def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """The meta-model's settings, and what they need of the nested mmshap stage."""
+  problems: list[str] = []
+  try:
+    weightings = weighting.parse_weightings(config.meta.weighting)
+  except ValueError as error:
+    problems.append(str(error))
+    weightings = ()
+  mmshap_config = config.stages.get("mmshap")
+  if "sample" in weightings and mmshap_config is not None and mmshap_config.max_examples:
+    problems.append(
+        f"meta.weighting includes 'sample', which needs MM-SHAP shares of every validation and test "
+        f"example, but stages.mmshap.max_examples={mmshap_config.max_examples} explains only the "
+        "first ones: set stages.mmshap.max_examples=0 or drop 'sample' from meta.weighting.")
+  config_checks.positive(problems, config.meta, f"{prefix}meta.", "num_steps", "hidden_size",
+                         "eval_every_steps", "checkpoint_every_steps")
+  every, checkpoint_every = config.meta.eval_every_steps, config.meta.checkpoint_every_steps
+  if isinstance(every, int) and every > 0 and checkpoint_every % every:
+    problems.append(f"{prefix}meta.checkpoint_every_steps={checkpoint_every} is not a multiple of "
+                    f"meta.eval_every_steps={every}.")
+  config_checks.check_optimizer(problems, config.meta.optimizer, f"{prefix}meta.optimizer.")
+  return problems
+
+
+def output_dir(root: str, config: ml_collections.ConfigDict) -> str:
+  return os.path.join(root, config.get("output_dir") or STAGE)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  exp = np.exp(shifted)
+  return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def _validation_scores(member_probabilities: np.ndarray, labels: np.ndarray,
+                       holdout: np.ndarray, num_classes: int) -> dict | None:
+  """Metrics on the held-out validation examples, each predicted by the member that held it out."""
+  if not holdout.any():
+    return None
+  rows = np.flatnonzero(holdout.any(axis=0))
+  member = holdout[:, rows].argmax(axis=0)
+  predictions = member_probabilities[member, rows].argmax(-1)
+  return {"examples": int(len(rows)),
+          **metrics.classification_metrics(labels[rows], predictions, num_classes)}
+
+
+def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
+  """Trains (train mode) or restores (eval mode) every weighting's meta-model; writes the report."""
+  meta_config = config.meta
+  weightings = weighting.parse_weightings(meta_config.weighting)
+  directory = output_dir(root, config)
+  os.makedirs(directory, exist_ok=True)
+  outputs = {split: learner_outputs.load_base_outputs(root, split) for split in EVAL_SPLITS}
+  learner_outputs.check_class_names(
+      outputs["validation"].class_names, outputs["validation"].paths["text"],
+      outputs["test"].class_names, outputs["test"].paths["text"])
+  class_names = outputs["test"].class_names
+  num_classes = len(class_names)
+  needs_shares = any(name != "none" for name in weightings)
+  shares = None
+  if needs_shares or os.path.isfile(learner_outputs.shares_path(root, "validation")):
+    shares = {"validation": learner_outputs.load_shares(root, outputs["validation"])}
+    if "sample" in weightings or os.path.isfile(learner_outputs.shares_path(root, "test")):
+      shares["test"] = learner_outputs.load_shares(root, outputs["test"])
+
+  test_labels = outputs["test"].labels
+  probabilities = {learner: _softmax(outputs["test"].logits[learner])
+                   for learner in learner_outputs.LEARNERS}
+  probabilities["average"] = np.mean([probabilities[learner] for learner in learner_outputs.LEARNERS],
+                                     axis=0)
+  training = {}
+  for name in weightings:
+    data = weighting.method_data(outputs, shares, name, meta_config)
+    method_dir = os.path.join(directory, data.method)
+    if config.mode == "train":
+      meta.train(data, meta_config, method_dir, config.seed, class_names)
+    predict, progress = meta.restore(data, meta_config, method_dir, config.seed, class_names)
+    members = predict(data.features["test"])
+    probabilities[data.method] = members.mean(axis=0)
+    _, holdout = meta.member_masks(data.labels["validation"], meta_config, config.seed)
+    training[data.method] = {
+        "weighting": data.weighting, "num_features": int(data.features["test"].shape[1]),
+        "members": int(len(holdout)), "steps": progress["step"], "kept_steps": progress["kept_step"],
+        "held_out_validation": _validation_scores(predict(data.features["validation"]),
+                                                  data.labels["validation"], holdout, num_classes),
+        **data.shares}
+
+  methods = list(probabilities)
+  predictions = {method: probabilities[method].argmax(-1) for method in methods}
+  scores = {"methods": {method: metrics.classification_metrics(test_labels, predictions[method],
+                                                               num_classes)
+                        for method in methods}}
+  best = max(methods, key=lambda method: scores["methods"][method]["f1_macro"])
+  report.write(directory, scores, predictions, best, shares, outputs, training)
+  for method in methods:
+    logging.info("meta test %s: %s", method, json.dumps(scores["methods"][method]))
+  return scores
+
+
+def run(config: ml_collections.ConfigDict, root: str) -> dict:
+  """The meta stage on finished upstream stages: train (or restore) the meta-models, report."""
+  directory = output_dir(root, config)
+  os.makedirs(directory, exist_ok=True)
+  if workdir.is_writer() and config.mode == "train":
+    workdir.write_text(os.path.join(directory, workdir.CONFIG), config.to_json(indent=2))
+  return evaluate_methods(root, config)

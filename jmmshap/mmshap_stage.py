@@ -1,0 +1,179 @@
+"""The mmshap stage: MM-SHAP of the trained MMBT on validation and test (`W/mmshap/`).
+
+The data, tokenizer and masking come from the MMBT saved in the workdir, so this stage's config says
+only how to explain (`mmshap.Options`), which examples, and where the data lives now. The meta stage
+reads the per-example shares it writes (`workdir.shares_file`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from jmmshap import builders, classifier, config_checks, input_pipeline, mmshap, plots, shapley, workdir
+
+STAGE = "mmshap"
+
+
+def check_config(config: ml_collections.ConfigDict, prefix: str = "", devices: int = 1,
+                 num_image_embeddings: int | None = None) -> list[str]:
+  """How to explain, and whether an exact explanation fits the engine's player cap."""
+  problems: list[str] = []
+  config_checks.one_of(problems, prefix, "method", config.get("method"), mmshap.METHODS)
+  config_checks.one_of(problems, prefix, "value", config.get("value"), mmshap.VALUES)
+  config_checks.one_of(problems, prefix, "text_players", config.get("text_players"),
+                       mmshap.TEXT_GROUPINGS)
+  cap = shapley.MAX_EXACT_PLAYERS
+  if not 0 <= config.max_exact_players <= cap:
+    problems.append(f"{prefix}max_exact_players={config.max_exact_players}: exact Shapley values "
+                    f"enumerate 2**p coalitions; use at most {cap} (KernelSHAP takes over above).")
+  if config.method == "exact":
+    if not config.max_text_players:
+      problems.append(f"{prefix}method='exact' with max_text_players=0 (one player per word): a long "
+                      f"title exceeds the exact cap of {cap} players; set max_text_players or use "
+                      "method='auto'.")
+    elif num_image_embeddings is not None and config.max_text_players + num_image_embeddings > cap:
+      problems.append(f"{prefix}method='exact': max_text_players={config.max_text_players} + "
+                      f"{num_image_embeddings} image players exceed the exact cap of {cap}.")
+  config_checks.positive(problems, config, prefix, "chunk_size", "examples_per_group")
+  config_checks.divisible(problems, config, prefix, devices, "chunk_size", "examples_per_group")
+  return problems
+
+
+def options_from_config(config: ml_collections.ConfigDict) -> mmshap.Options:
+  return mmshap.Options(
+      text_players=config.text_players, tokens_per_player=config.tokens_per_player,
+      max_text_players=config.max_text_players, value=config.value, method=config.method,
+      max_exact_players=config.max_exact_players, budget=config.budget,
+      chunk_size=config.chunk_size, examples_per_group=config.examples_per_group,
+      seed=config.seed)
+
+
+def data_config(config: ml_collections.ConfigDict,
+                mmbt_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MMBT's own data config; this stage's config may only say where the data now lives."""
+  if config.variant != mmbt_config.variant:
+    raise ValueError(
+        f"config.variant={config.variant!r} but the MMBT in the workdir was trained on "
+        f"{mmbt_config.variant!r}: use --config=configs/mmshap.py:{mmbt_config.variant}.")
+  data = ml_collections.ConfigDict(mmbt_config.data.to_dict())
+  for key, value in config.data.items():
+    if value is not None:
+      data[key] = value
+  return data
+
+
+def _targets(config: ml_collections.ConfigDict, labels: np.ndarray,
+             class_names: Sequence[str]) -> np.ndarray | None:
+  if config.target == "predicted":
+    return None
+  if config.target == "label":
+    return labels
+  if config.target in class_names:
+    return np.full(len(labels), list(class_names).index(config.target), np.int32)
+  raise ValueError(f"config.target={config.target!r}; use one of {mmshap.TARGETS} or a class name "
+                   f"({', '.join(class_names)}).")
+
+
+def _groups(source: input_pipeline.RecordSource, count: int, size: int,
+            preprocess: input_pipeline.Preprocessor) -> Iterator[tuple[np.ndarray, dict]]:
+  for start in range(0, count, size):
+    indices = np.arange(start, min(start + size, count))
+    yield indices, preprocess(input_pipeline.read_records(source, indices))
+
+
+def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSource,
+                  preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
+                  class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
+  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings."""
+  count = len(source) if not config.max_examples else min(config.max_examples, len(source))
+  group = explainer.options.examples_per_group
+  results, labels, ids = [], [], []
+  progress = tqdm(total=count, desc=f"mmshap {split}", unit="ex", dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  started, evaluations = time.perf_counter(), 0
+  for indices, batch in input_pipeline.prefetch(_groups(source, count, group, preprocess)):
+    result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
+                               indices=indices, progress=progress)
+    evaluations += int(result.num_evaluations.sum())
+    progress.set_postfix(coalitions_s=f"{evaluations / (time.perf_counter() - started):,.0f}")
+    results.append(result)
+    labels.append(batch["label"])
+    ids.append(batch["id"])
+  progress.close()
+  seconds = time.perf_counter() - started
+  result = mmshap.Result.concatenate(results)
+  arrays = {
+      "ids": np.concatenate(ids).astype(str), "labels": np.concatenate(labels).astype(np.int32),
+      "predictions": result.predictions, "targets": result.targets, "t_shap": result.t_shap,
+      "v_shap": result.v_shap, "phi": result.phi, "player_modality": result.player_modality,
+      "exact": result.exact, "value_full": result.value_full, "value_empty": result.value_empty,
+      "num_evaluations": result.num_evaluations, "class_names": np.asarray(class_names),
+  }
+  if result.player_names is not None:
+    arrays["player_names"] = result.player_names
+  timing = {"seconds": seconds, "examples_per_s": count / seconds,
+            "coalitions_per_s": evaluations / seconds, "num_evaluations": evaluations}
+  return arrays, timing
+
+
+def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
+  """MM-SHAP of the trained MMBT in `root/mmbt` on validation and test -> `root/mmshap/`.
+
+  Writes mmshap_{split}.npz (ids, labels, predictions, targets, t_shap, v_shap, phi,
+  player_modality, player_names, exact, value_full, value_empty, num_evaluations, class_names),
+  summary.json (per split: shares over the split and per true class, counts, exact counts,
+  timings; with toyshop data each class's designed text share) and, per split,
+  t_shap_histogram_{split}.png and t_shap_per_class_{split}.png. Returns the summary.
+  """
+  mmbt_dir = workdir.stage_dir(root, classifier.MMBT.name)
+  if not os.path.isdir(os.path.join(mmbt_dir, workdir.BEST)):
+    raise FileNotFoundError(
+        f"{mmbt_dir} holds no trained MMBT (no best/ checkpoint): train the mmbt stage into this "
+        f"workdir first: python train.py --config=configs/mmbt.py:{config.variant} "
+        f"--workdir={root}")
+  trained = classifier.load_trained(root, classifier.MMBT)
+  model = mmshap.with_masking(trained.model, config.get("text_masking"), config.get("image_masking"))
+  options = options_from_config(config)
+  explainer = mmshap.Explainer(model, options, tokenizer=trained.tokenizer)
+  builder = builders.prepare_in_process_order(data_config(config, trained.config))
+  reliance = builders.class_reliance(builder)
+  designed = None if reliance is None else {c["name"]: c["text_share"] for c in reliance}
+  directory = workdir.stage_dir(root, STAGE)
+  os.makedirs(directory, exist_ok=True)
+  summary = {
+      "class_names": trained.class_names, "value": options.value, "target": config.target,
+      "method": options.method, "max_exact_players": options.max_exact_players,
+      "text_players": options.text_players, "text_masking": model.config.text_masking,
+      "image_masking": model.config.image_masking, "splits": {},
+  }
+  for split in config.get("splits", builders.EVAL_SPLITS):
+    arrays, timing = explain_split(explainer, builder.as_data_source(split), trained.preprocess,
+                                   config=config, class_names=trained.class_names, split=split)
+    split_summary = mmshap.summarize(arrays["t_shap"], arrays["exact"], arrays["labels"],
+                                     trained.class_names, designed)
+    split_summary.update(timing)
+    summary["splits"][split] = split_summary
+    logging.info("mmshap %s: T-SHAP %s over %d examples (%d exact), %.1f examples/s", split,
+                 split_summary["t_shap_mean"], split_summary["count"], split_summary["num_exact"],
+                 timing["examples_per_s"])
+    if workdir.is_writer():
+      workdir.write_atomically(os.path.join(directory, workdir.shares_file(split)),
+                               lambda partial, arrays=arrays: np.savez(partial, **arrays))
+      plots.t_shap_histogram(arrays["t_shap"],
+                             os.path.join(directory, f"t_shap_histogram_{split}.png"),
+                             f"MM-SHAP {split}")
+      plots.t_shap_per_class(split_summary,
+                             os.path.join(directory, f"t_shap_per_class_{split}.png"),
+                             f"MM-SHAP per class, {split}")
+  if workdir.is_writer():
+    workdir.write_json(os.path.join(directory, workdir.SUMMARY), summary)
+  return summary

@@ -1,0 +1,127 @@
+"""MM-SHAP weighting of the meta-features (the paper's Algorithm 1, lines 13-15).
+
+For example i with base logits z_text(i), z_image(i), z_mmbt(i) (each in R^C):
+
+    13:  T_i, V_i = T-SHAP, V-SHAP of the MMBT's prediction    (W/mmshap/mmshap_{split}.npz)
+    14:  u_i = [ T_i * z_text(i),  V_i * z_image(i) ]
+    15:  x_i = [ u_i,  w_mm * z_mmbt(i) ]                      (+ [T_i, V_i] with meta.append_shares)
+
+`meta.weighting` picks T_i and V_i, and each weighting is its own meta-MLP and its own reported method:
+
+  none     T_i = V_i = 1: plain stacking of the three learners' logits ('stacked').
+  dataset  T_i = mean T-SHAP, V_i = mean V-SHAP over the validation examples MM-SHAP explained, for
+           every validation and test example ('mmshap_dataset').
+  sample   each example's own shares; needs MM-SHAP on every validation and test example
+           ('mmshap_sample'). An example whose shares are undefined (every Shapley value 0, so T-SHAP
+           is 0/0) gets the dataset shares; how many did is written to training.json and report.md.
+
+w_mm is `meta.mmbt_weight` (1). `meta.append_shares` appends [T_i, V_i] to the weighted variants'
+features only; 'stacked' stays the paper's plain 3C-feature baseline. A constant per-learner scale
+(`dataset`) is something W_1 could absorb: it changes the meta-model through initialisation,
+optimisation and weight decay only. `sample` weighting changes what the meta-model sees per example.
+The features are not standardised: per-column standardisation would undo the dataset weighting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jmmshap.builders import EVAL_SPLITS
+from jmmshap.learner_outputs import Shares, SplitOutputs
+
+WEIGHTINGS = ("none", "dataset", "sample")
+METHOD_OF_WEIGHTING = {"none": "stacked", "dataset": "mmshap_dataset", "sample": "mmshap_sample"}
+
+
+def dataset_shares(shares: Shares) -> tuple[float, float]:
+  """Mean T-SHAP and V-SHAP over the examples with defined shares."""
+  defined = shares.defined
+  if not defined.any():
+    raise ValueError(f"{shares.path}: no example has defined MM-SHAP shares (every Shapley value 0 "
+                     "or none computed), so there are no dataset shares to weight with; check the "
+                     "mmbt model and rerun mmshap (--config.rerun=mmbt,mmshap).")
+  return float(shares.t_shap[defined].mean()), float(shares.v_shap[defined].mean())
+
+
+def sample_shares(shares: Shares, fallback: tuple[float, float],
+                  split: str) -> tuple[np.ndarray, np.ndarray, int]:
+  """Per-example (T, V) for `sample` weighting; undefined shares -> `fallback`; and how many were."""
+  if not shares.explained.all():
+    missing = np.flatnonzero(~shares.explained)
+    raise ValueError(
+        f"{shares.path} has MM-SHAP for {int(shares.explained.sum())} of {len(shares.explained)} "
+        f"{split} examples (first missing: row {int(missing[0])}); meta.weighting 'sample' needs "
+        "every example's shares: rerun mmshap on all of them (--config.stages.mmshap.max_examples=0 "
+        "--config.rerun=mmshap) or drop 'sample' from --config.meta.weighting.")
+  defined = shares.defined
+  t_shap = np.where(defined, shares.t_shap, fallback[0])
+  v_shap = np.where(defined, shares.v_shap, fallback[1])
+  return t_shap, v_shap, int((~defined).sum())
+
+
+def weighted_features(logits: Mapping[str, np.ndarray], text_share: np.ndarray | float,
+                      image_share: np.ndarray | float, *, mmbt_weight: float = 1.0,
+                      append_shares: bool = False) -> np.ndarray:
+  """Algorithm lines 14-15: [T * z_text, V * z_image, w_mm * z_mmbt] (+ [T, V]); see module doc."""
+  count = len(logits["text"])
+  text = np.broadcast_to(np.asarray(text_share, np.float32), (count,))[:, None]
+  image = np.broadcast_to(np.asarray(image_share, np.float32), (count,))[:, None]
+  parts = [text * logits["text"], image * logits["image"],
+           np.float32(mmbt_weight) * logits["mmbt"]]
+  if append_shares:
+    parts += [text, image]
+  return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodData:
+  """One weighting's meta-features on validation and test, and what went into them."""
+  method: str
+  weighting: str
+  features: dict[str, np.ndarray]  # split -> (N, F)
+  labels: dict[str, np.ndarray]
+  shares: dict[str, Any]  # JSON-able: the shares used, undefined counts.
+
+
+def parse_weightings(value: str) -> tuple[str, ...]:
+  names = tuple(name.strip() for name in value.split(",") if name.strip())
+  unknown = [name for name in names if name not in WEIGHTINGS]
+  if unknown or not names:
+    raise ValueError(f"meta.weighting={value!r}: use a comma-separated subset of "
+                     f"{', '.join(WEIGHTINGS)}.")
+  return tuple(dict.fromkeys(names))
+
+
+def method_data(outputs: Mapping[str, SplitOutputs], shares: Mapping[str, Shares] | None,
+                weighting: str, meta_config: ml_collections.ConfigDict) -> MethodData:
+  """The meta-features of one weighting on every split (`shares` may be None for 'none')."""
+  method = METHOD_OF_WEIGHTING[weighting]
+  labels = {split: outputs[split].labels for split in EVAL_SPLITS}
+  if weighting == "none":
+    features = {split: weighted_features(outputs[split].logits, 1.0, 1.0,
+                                         mmbt_weight=meta_config.mmbt_weight)
+                for split in EVAL_SPLITS}
+    return MethodData(method, weighting, features, labels, {})
+  mean_shares = dataset_shares(shares["validation"])
+  used = {"dataset_t_shap": mean_shares[0], "dataset_v_shap": mean_shares[1],
+          "dataset_examples": int(shares["validation"].defined.sum())}
+  features = {}
+  for split in EVAL_SPLITS:
+    if weighting == "dataset":
+      text_share, image_share = mean_shares
+    else:
+      text_share, image_share, undefined = sample_shares(shares[split], mean_shares, split)
+      used[f"undefined_{split}"] = undefined
+      if undefined:
+        logging.warning("meta %s: %d %s examples have undefined MM-SHAP shares; they are weighted "
+                        "with the dataset shares", method, undefined, split)
+    features[split] = weighted_features(outputs[split].logits, text_share, image_share,
+                                        mmbt_weight=meta_config.mmbt_weight,
+                                        append_shares=meta_config.append_shares)
+  return MethodData(method, weighting, features, labels, used)

@@ -1,0 +1,120 @@
+"""The meta stage on a synthetic workdir: train, report, restore, resume, and refusals of
+checkpoints that do not fit."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import fakes
+from jmmshap import ensemble, learner_outputs, meta, metrics, weighting
+from jmmshap.builders import EVAL_SPLITS
+
+def _cross_fit_config(mode="train"):
+  config = fakes.meta_config(cross_fit=3, early_stopping=True, patience=1)
+  config.mode = mode
+  return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = fakes.fake_workdir(str(tmp_path_factory.mktemp("meta_synthetic")))
+  report = ensemble.evaluate_methods(workdir, _cross_fit_config())
+  return workdir, report
+
+
+def test_training_writes_every_method_report_curves_and_checkpoints(trained):
+  workdir, report = trained
+  directory = os.path.join(workdir, "meta")
+  assert list(report["methods"]) == ["text", "image", "mmbt", "average", "stacked",
+                                     "mmshap_dataset", "mmshap_sample"]
+  for scores in report["methods"].values():
+    assert set(scores) == set(metrics.METRIC_NAMES)
+  with open(os.path.join(directory, "metrics.json")) as f:
+    assert json.load(f) == report
+  outputs = learner_outputs.load_base_outputs(workdir, "test")
+  for learner in learner_outputs.LEARNERS:  # The base learners' rows are their own test predictions.
+    assert report["methods"][learner] == metrics.classification_metrics(
+        outputs.labels, outputs.logits[learner].argmax(-1), 4)
+  with open(os.path.join(directory, "training.json")) as f:
+    training = json.load(f)
+  for method in ("stacked", "mmshap_dataset", "mmshap_sample"):
+    assert training[method]["members"] == 3
+    assert training[method]["held_out_validation"]["examples"] == 24  # Out-of-fold: all of it.
+    assert all(0 < step <= 40 for step in training[method]["kept_steps"])
+    for name in ("log.jsonl", "loss.png", "accuracy.png"):
+      assert os.path.getsize(os.path.join(directory, method, name)) > 0
+  with open(os.path.join(directory, "report.md")) as f:
+    text = f.read()
+  assert "| mmshap_sample |" in text or "| **mmshap_sample** |" in text
+  assert "T-SHAP" in text and "Per-class F1" in text
+  assert os.path.getsize(os.path.join(directory, "confusion_matrix.png")) > 0
+
+
+def test_eval_mode_restores_the_checkpoints_and_reproduces_the_test_metrics_exactly(trained):
+  workdir, report = trained
+  assert ensemble.evaluate_methods(workdir, _cross_fit_config("eval")) == report
+
+
+def _test_probabilities(workdir, config, name):
+  outputs = {split: learner_outputs.load_base_outputs(workdir, split) for split in EVAL_SPLITS}
+  shares = {split: learner_outputs.load_shares(workdir, outputs[split]) for split in EVAL_SPLITS}
+  data = weighting.method_data(outputs, shares, name, config.meta)
+  directory = os.path.join(workdir, "meta", data.method)
+  predict, _ = meta.restore(data, config.meta, directory, config.seed, outputs["test"].class_names)
+  return predict(data.features["test"])
+
+
+def test_a_resumed_meta_training_ends_where_an_uninterrupted_one_does(trained, tmp_path):
+  workdir, _ = trained
+  config = fakes.meta_config(weighting="dataset")  # No early stopping: 40 steps, checkpoints at 20 and 40.
+  straight = str(tmp_path / "straight")
+  shutil.copytree(workdir, straight, ignore=shutil.ignore_patterns("meta"))
+  ensemble.evaluate_methods(straight, config)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(straight, resumed)
+  # As if killed right after the step-20 checkpoint.
+  shutil.rmtree(os.path.join(resumed, "meta", "mmshap_dataset", "checkpoints", "40"))
+  ensemble.evaluate_methods(resumed, config)
+  np.testing.assert_array_equal(_test_probabilities(resumed, config, "dataset"),
+                                _test_probabilities(straight, config, "dataset"))
+  with open(os.path.join(resumed, "meta", "mmshap_dataset", "log.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [10, 20, 30, 40]
+
+
+def test_a_meta_checkpoint_for_another_class_count_is_refused(trained, tmp_path):
+  workdir, _ = trained
+  other = str(tmp_path / "three_classes")
+  shutil.copytree(os.path.join(workdir, "meta"), os.path.join(other, "meta"))
+  rng = np.random.default_rng(0)
+  for split, count in zip(EVAL_SPLITS, (24, 20), strict=True):
+    labels = np.arange(count) % 3
+    ids = [f"{split}-{i}" for i in range(count)]
+    for learner in learner_outputs.LEARNERS:
+      fakes.write_logits(other, learner, split, rng.normal(size=(count, 3)), labels, ids, fakes.CLASS_NAMES[:3])
+    fakes.write_shares(other, split, ids, np.full(count, 0.5), fakes.CLASS_NAMES[:3])
+  with pytest.raises(ValueError, match=r"stacked/checkpoints holds a meta-model for 4 classes .* have "
+                                       r"3 .*belongs to another dataset"):
+    ensemble.evaluate_methods(other, _cross_fit_config("eval"))
+
+
+def test_eval_mode_refuses_a_checkpoint_trained_on_other_base_outputs(trained, tmp_path):
+  workdir, _ = trained
+  other = str(tmp_path / "retrained")
+  shutil.copytree(os.path.join(workdir, "meta"), os.path.join(other, "meta"))
+  fakes.fake_workdir(other, seed=1)
+  with pytest.raises(ValueError, match=r"stacked/checkpoints was trained on other meta-features .*"
+                                       r"features_sha256"):
+    ensemble.evaluate_methods(other, _cross_fit_config("eval"))
+
+
+
+def test_eval_mode_with_other_training_settings_names_the_setting(trained):
+  workdir, _ = trained
+  config = _cross_fit_config("eval")
+  config.meta.num_steps = 60
+  with pytest.raises(ValueError, match=r"stacked/checkpoints was trained on other meta-features or "
+                                       r"settings .*settings.num_steps: 40 -> 60"):
+    ensemble.evaluate_methods(workdir, config)

@@ -1,0 +1,136 @@
+"""The pipeline: every config checked before any work, the stage registry, and the main job that
+runs the missing stages, reuses the finished ones and reruns the stale ones."""
+
+import json
+import os
+
+import pytest
+
+from configs import clip_pretrain, common, image, meta, mmbt, mmshap, text
+from jmmshap import config_checks, pipeline, workdir
+
+STAGE_CONFIGS = (text, image, clip_pretrain, mmbt, mmshap, meta)
+
+
+@pytest.mark.parametrize("variant", common.VARIANTS)
+def test_every_shipped_config_is_valid_on_one_two_and_eight_devices(variant):
+  for module in STAGE_CONFIGS:
+    for devices in (1, 2, 8):
+      pipeline.validate(module.get_config(variant), num_devices=devices)
+  pipeline.validate(meta.get_config("taimd17k,paper"), num_devices=8)
+
+
+def _problems(config, devices=2) -> str:
+  with pytest.raises(config_checks.ConfigError) as error:
+    pipeline.validate(config, num_devices=devices)
+  return str(error.value)
+
+
+def test_image_embeddings_outside_the_pooling_table_are_refused():
+  config = mmbt.get_config()
+  config.model.num_image_embeddings = 5
+  assert "model.num_image_embeddings=5 is not in the pooling table; use one of [1, 2, 3, 4" in (
+      _problems(config))
+
+
+def test_exact_players_above_the_cap_are_refused():
+  config = mmshap.get_config()
+  config.max_exact_players = 30
+  assert "max_exact_players=30" in _problems(config)
+  pipeline = meta.get_config()
+  pipeline.stages.mmshap.update(method="exact", max_text_players=22)
+  assert ("stages.mmshap.method='exact': max_text_players=22 + 4 image players exceed the exact cap "
+          "of 24") in _problems(pipeline)
+
+
+def test_sample_weighting_without_every_examples_shares_is_refused():
+  config = meta.get_config()
+  config.stages.mmshap.max_examples = 100
+  assert "meta.weighting includes 'sample'" in _problems(config)
+  config.meta.weighting = "none,dataset"
+  pipeline.validate(config, num_devices=2)
+
+
+def test_batch_size_that_does_not_split_over_the_devices_is_refused():
+  config = text.get_config()
+  config.batch_size = 60
+  pipeline.validate(config, num_devices=4)
+  assert "batch_size=60 does not split over the 8 devices: use a multiple of 8" in _problems(config, 8)
+
+
+def test_every_problem_is_listed_in_one_error():
+  config = meta.get_config()
+  config.stages.mmbt.model.num_image_embeddings = 7
+  config.stages.image.optimizer.name = "adagrad"
+  config.stages.text.dtype = "float16"
+  config.meta.weighting = "none,median"
+  message = _problems(config)
+  assert "4 setting(s) cannot work" in message
+  for fragment in ("num_image_embeddings=7", "optimizer.name='adagrad'", "dtype='float16'",
+                   "meta.weighting='none,median'"):
+    assert fragment in message
+
+
+def test_clip_patch_that_does_not_divide_the_image_is_refused():
+  config = clip_pretrain.get_config()
+  config.model.clip.patch_size = 5
+  assert "patch_size=5 does not divide data.image_size=32" in _problems(config)
+
+
+def test_stages_run_validates_before_any_work(tmp_path):
+  config = mmbt.get_config()
+  config.model.num_image_embeddings = 5
+  with pytest.raises(config_checks.ConfigError, match="pooling table"):
+    pipeline.run(config, str(tmp_path / "never_written"))
+  assert not (tmp_path / "never_written").exists()
+
+
+def test_unknown_stage_mode_and_rerun_names_are_refused(tmp_path):
+  config = text.get_config()
+  config.stage = "txet"
+  with pytest.raises(ValueError, match="known stages"):
+    pipeline.run(config, str(tmp_path))
+  config = text.get_config()
+  config.mode = "evaluate"
+  with pytest.raises(ValueError, match="use 'train' or 'eval'"):
+    pipeline.run(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r"unknown stage\(s\) bert"):
+    pipeline.parse_rerun("text,bert")
+
+
+def test_the_registry_lists_each_stage_once_after_what_it_reads():
+  names = [stage.name for stage in pipeline.STAGES]
+  assert len(set(names)) == len(names) and names[-1] == pipeline.MAIN_JOB
+  for position, stage in enumerate(pipeline.STAGES):
+    assert set(stage.reads) <= set(names[:position]), stage.name
+    assert stage.writes, stage.name
+
+
+def test_the_main_job_runs_every_missing_stage_then_reuses_them(tmp_path_factory, tiny):
+  root = tmp_path_factory.getbasetemp()
+  config = tiny.pipeline(str(root / "tfds_stages"))
+  assert config.stages.mmbt.data.toyshop.validation_per_class == 2  # Shared, not copied.
+  assert config.stages.image.data.data_dir == str(root / "tfds_stages")
+  job = str(root / "workdir_meta")
+  report = pipeline.run(config, job)
+  assert list(report["methods"]) == ["text", "image", "mmbt", "average", "stacked",
+                                     "mmshap_dataset", "mmshap_sample"]
+  assert "clip_pretrain" not in config.stages  # Only the fashion variants pretrain a tower.
+  for stage in config.stages:
+    assert workdir.missing(job, stage, pipeline.REGISTRY[stage].writes) == []
+  with open(os.path.join(job, "mmbt", "metrics.json")) as f:
+    mmbt_test = json.load(f)["test"]
+  assert report["methods"]["mmbt"] == pytest.approx(mmbt_test)
+  for name in ("metrics.json", "report.md", "confusion_matrix.png", "per_class_f1.png", "config.json"):
+    assert os.path.getsize(os.path.join(job, "meta", name)) > 0
+
+  assert pipeline.run_upstream(config, job) == []  # Everything finished is reused.
+  # An MMBT newer than the MM-SHAP that explained it: MM-SHAP is stale and runs again.
+  later = workdir.finished_at(job, "mmshap", pipeline.REGISTRY["mmshap"].writes) + 0.01
+  os.utime(workdir.path(job, "mmbt", workdir.METRICS), (later, later))
+  assert pipeline.run_upstream(config, job) == ["mmshap"]
+  assert pipeline.run_upstream(config, job) == []
+  config.stages.text.total_steps = 3
+  with pytest.raises(ValueError, match=r"workdir_meta/text was trained with other settings .*"
+                                       r"total_steps: 2 there, 3 now.*add text to --config.rerun"):
+    pipeline.run_upstream(config, job)
