@@ -49,7 +49,10 @@ def main(argv):
                                   local_device_ids)
   logging.info("process %d of %d; local devices %s; %d devices in all", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  finally:
+    parallel.release_devices()
 
 
 if __name__ == "__main__":

@@ -162,22 +162,24 @@ def prefetch(batches: Iterator[Batch], size: int = 2,
   done = object()
   stop = threading.Event()
 
+  def offer(item) -> bool:
+    """Puts `item` once there is room; False (item dropped) once the consumer has stopped."""
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def produce():
     try:
       for batch in batches:
-        if transform is not None:
-          batch = transform(batch)
-        while not stop.is_set():
-          try:
-            buffer.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
+        if not offer(batch if transform is None else transform(batch)):
           return
-      buffer.put(done)
+      offer(done)
     except BaseException as error:  # pylint: disable=broad-except
-      buffer.put(error)
+      offer(error)
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()
@@ -190,4 +192,7 @@ def prefetch(batches: Iterator[Batch], size: int = 2,
         raise item
       yield item
   finally:
+    # Closing the iterator (or dropping it) stops the thread and waits for it: the thread may be
+    # copying a batch to the devices, and must not be left doing so when the process exits.
     stop.set()
+    thread.join()

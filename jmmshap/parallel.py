@@ -7,6 +7,7 @@ the global array.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -59,6 +60,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                              process_id=process_id,
                              local_device_ids=list(local_device_ids) if local_device_ids else None)
   return True
+
+
+def release_devices() -> None:
+  """Waits for all device work and frees every device buffer, while the interpreter is whole.
+
+  Why: a buffer made from a numpy array can alias it, and XLA's own threads release such buffers
+  (and their Python references) when pending work ends. A native thread that takes the GIL while
+  the interpreter is shutting down is terminated by Python with a forced unwind, and where that
+  unwind meets C++ code it aborts the process ("FATAL: exception not rethrown", exit -6) after
+  the run has succeeded. `train.py` calls this before returning so nothing is left to release.
+  """
+  jax.effects_barrier()
+  for array in jax.live_arrays():
+    array.delete()
+  gc.collect()
 
 
 def make_mesh() -> Mesh:

@@ -1,5 +1,6 @@
 import io
 import itertools
+import threading
 
 import jax
 import numpy as np
@@ -82,6 +83,21 @@ def test_prefetch_keeps_order_and_reraises_producer_errors():
 
   with pytest.raises(OSError, match="disk gone"):
     list(input_pipeline.prefetch(failing()))
+
+
+def test_closing_a_prefetch_early_stops_its_thread_before_returning():
+  def endless():
+    i = 0
+    while True:
+      yield i
+      i += 1
+
+  before = set(threading.enumerate())
+  batches = input_pipeline.prefetch(endless(), size=2)
+  assert [next(batches) for _ in range(3)] == [0, 1, 2]
+  assert len(set(threading.enumerate()) - before) == 1  # The producer, its queue full.
+  batches.close()
+  assert set(threading.enumerate()) - before == set()  # Joined, not left running.
 
 
 def test_batches_are_sharded_over_the_data_axis(source, preprocess):
