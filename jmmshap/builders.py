@@ -161,6 +161,9 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   def _read(self, manual_dir: str) -> catalog.Catalog:
     raise NotImplementedError
 
+  def _image_dir(self, manual_dir: str) -> str:
+    raise NotImplementedError
+
   def _select(self, products: catalog.Catalog) -> tuple[dict[str, list[catalog.Row]], list[catalog.BadRow], dict[str, int]]:
     """(rows per split, rows that are bad because of the class set, rows excluded by selection)."""
     raise NotImplementedError
@@ -169,10 +172,16 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     config = self._config()
     products = self._read(os.fspath(dl_manager.manual_dir))
     found_sha = _file_sha256(products.csv_path)
+    found_images = catalog.images_fingerprint(self._image_dir(os.fspath(dl_manager.manual_dir)),
+                                              products.rows)
     if found_sha != config.csv_sha256:
       raise ValueError(
           f"{products.csv_path} changed since this builder config was made (sha256 {found_sha[:10]}, "
           f"config {config.csv_sha256[:10]}); make the config again (prepare() does).")
+    if found_images != config.images_sha256:
+      raise ValueError(
+          f"the images of {products.csv_path} changed since this builder config was made; make the "
+          "config again (prepare() does).")
     rows_by_split, selection_bad_rows, excluded = self._select(products)
     bad_rows = []
 
@@ -265,6 +274,7 @@ class FashionProductsConfig(tfds.core.BuilderConfig):
   min_count: int | None = None
   on_bad_row: str = "error"
   csv_sha256: str = ""
+  images_sha256: str = ""  # catalog.images_fingerprint of the CSV's images.
   class_names: tuple[str, ...] = ()
 
 
@@ -295,15 +305,16 @@ def fashion_products_config(manual_dir: str, *, label_field: str = "article_type
   if not class_names:
     raise ValueError(f"{products.csv_path}: no {label_field} class has at least {min_count} items.")
   csv_sha256 = _file_sha256(products.csv_path)
+  images_sha256 = catalog.images_fingerprint(catalog.fashion_image_dir(manual_dir), products.rows)
   settings = dict(label_field=label_field, top_k=top_k, min_count=min_count, on_bad_row=on_bad_row,
-                  csv_sha256=csv_sha256)
+                  csv_sha256=csv_sha256, images_sha256=images_sha256)
   selection = (f"top{top_k}" if top_k is not None else "") + (
       f"min{min_count}" if min_count is not None else "") or "all"
   return FashionProductsConfig(
       name=f"{label_field}-{selection}-{_settings_hash(settings)}",
       description=f"{len(class_names)} {label_field} classes ({selection}), on_bad_row={on_bad_row}.",
       label_field=label_field, top_k=top_k, min_count=min_count, on_bad_row=on_bad_row,
-      csv_sha256=csv_sha256, class_names=tuple(class_names))
+      csv_sha256=csv_sha256, images_sha256=images_sha256, class_names=tuple(class_names))
 
 
 class FashionProducts(_ProductCsvBuilder):
@@ -317,6 +328,9 @@ class FashionProducts(_ProductCsvBuilder):
 
   def _read(self, manual_dir: str) -> catalog.Catalog:
     return catalog.fashion_catalog(manual_dir, self._config().label_field)
+
+  def _image_dir(self, manual_dir: str) -> str:
+    return catalog.fashion_image_dir(manual_dir)
 
   def _select(self, products):
     class_names = set(self._config().class_names)
@@ -347,6 +361,7 @@ class ProductFolderConfig(tfds.core.BuilderConfig):
   split_seed: int = 0
   on_bad_row: str = "error"
   csv_sha256: str = ""
+  images_sha256: str = ""  # catalog.images_fingerprint of the CSV's images.
   class_names: tuple[str, ...] = ()
 
 
@@ -418,15 +433,17 @@ def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_d
       raise ValueError(f"{products.csv_path}: no usable train rows, so no class set; fix the CSV or "
                        "pass an explicit classes list.")
   csv_sha256 = _file_sha256(products.csv_path)
-  # The CSV is identified by its content, not by where it lives, so a moved folder keeps its cache.
+  images_sha256 = catalog.images_fingerprint(os.path.join(manual_dir, image_dir), products.rows)
+  # The CSV and images are identified by their content (and the images' sizes and times), not by
+  # where they live, so a moved folder keeps its cache.
   settings = dict(image_dir=config.image_dir, id_column=id_column, text_column=text_column,
                   label_column=label_column, split_column=config.split_column,
                   image_column=config.image_column, classes=classes, split_seed=split_seed,
-                  on_bad_row=on_bad_row, csv_sha256=csv_sha256)
+                  on_bad_row=on_bad_row, csv_sha256=csv_sha256, images_sha256=images_sha256)
   return dataclasses.replace(
       config, name=f"{len(class_names)}classes-{_settings_hash(settings)}",
       description=f"{len(class_names)} classes from {csv}, on_bad_row={on_bad_row}.",
-      csv_sha256=csv_sha256, class_names=class_names)
+      csv_sha256=csv_sha256, images_sha256=images_sha256, class_names=class_names)
 
 
 class ProductFolder(_ProductCsvBuilder):
@@ -452,6 +469,9 @@ class ProductFolder(_ProductCsvBuilder):
 
   def _read(self, manual_dir: str) -> catalog.Catalog:
     return _product_folder_catalog(manual_dir, self._config())
+
+  def _image_dir(self, manual_dir: str) -> str:
+    return os.path.join(manual_dir, self._config().image_dir)
 
   def _select(self, products):
     config = self._config()
@@ -539,6 +559,12 @@ def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
           manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None,
           try_download_gcs=False))
   return builder
+
+
+def identity(builder: tfds.core.DatasetBuilder) -> str:
+  """Names the prepared data a builder stands for: its full name hashes every setting that changes
+  it, and for the CSV builders the CSV's content and the images' sizes and times."""
+  return builder.info.full_name
 
 
 def prepare_in_process_order(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

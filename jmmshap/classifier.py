@@ -323,6 +323,16 @@ def load_trained(root: str, stage: ClassifierStage) -> TrainedStage:
 # The stage.
 
 
+def fingerprint(config: ml_collections.ConfigDict, root: str,
+                builder: tfds.core.DatasetBuilder | None = None) -> dict[str, Any]:
+  """What a classifier (or clip_pretrain) stage is built from: see `workdir.fingerprint`."""
+  builder = builder or builders.builder_for(config.data)
+  reads = {stage: workdir.run_of(root, stage)
+           for stage in workdir.stages_referenced(config, root)}
+  return workdir.fingerprint(config, root, data=builders.identity(builder),
+                             class_names=builder.info.features["label"].names, reads=reads)
+
+
 def run(config: ml_collections.ConfigDict, root: str,
         stage: ClassifierStage) -> dict[str, dict[str, float]]:
   """Trains (or with config.mode='eval' only restores) a classifier stage and writes its outputs."""
@@ -334,6 +344,9 @@ def run(config: ml_collections.ConfigDict, root: str,
   decoders = None if stage.uses_image else {"image": tfds.decode.SkipDecoding()}
   sources = {split: builder.as_data_source(split, decoders=decoders) for split in builders.SPLITS}
   class_names = list(builder.info.features["label"].names)
+  # Nothing is resumed or evaluated in a folder built from other inputs.
+  workdir.claim(root, stage.name, fingerprint(config, root, builder),
+                training=config.mode == "train")
   num_classes = len(class_names)
   tokenizer = (load_or_train_tokenizer(config, directory, sources["train"])
                if stage.uses_text else None)

@@ -40,8 +40,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from flax import nnx
 
-from jmmshap import (builders, checkpoints, config_checks, input_pipeline, parallel, train_lib,
-                     workdir)
+from jmmshap import (builders, checkpoints, classifier, config_checks, input_pipeline, parallel,
+                     train_lib, workdir)
 from jmmshap.models import bert, clip_vision
 from jmmshap.tokenizer import TitleTokenizer
 
@@ -198,6 +198,8 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, flo
   titles = {split: builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
             for split in splits}
   photos = {split: builder.as_data_source(split) for split in splits}
+  workdir.claim(root, STAGE, classifier.fingerprint(config, root, builder),
+                training=config.mode == "train")
 
   tokenizer = TitleTokenizer.from_folder(config.data.get("tokenizer") or config.text_tower,
                                          max_length=config.data.max_length)
@@ -244,7 +246,8 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, flo
   report = {split: evaluate_split(split, best["params"]) for split in builders.EVAL_SPLITS}
   if workdir.is_writer():
     trained = nnx.merge(graphdef, best["params"])
-    clip_vision.save_pretrained(trained.vision, os.path.join(directory, workdir.EXPORT))
+    workdir.write_folder_atomically(os.path.join(directory, workdir.EXPORT),
+                                    lambda partial: clip_vision.save_pretrained(trained.vision, partial))
     workdir.write_json(os.path.join(directory, workdir.METRICS), report)
   for split, values in report.items():
     logging.info("clip_pretrain %s: %s", split, json.dumps(values))

@@ -46,11 +46,23 @@ def divisible(problems: list[str], config: ml_collections.ConfigDict, prefix: st
                       f"multiple of {devices}.")
 
 
+def at_least(problems: list[str], config: ml_collections.ConfigDict, prefix: str, minimum: int,
+             *names: str, why: str = "") -> None:
+  for name in names:
+    value = config.get(name)
+    if value is not None and (not isinstance(value, int) or value < minimum):
+      problems.append(f"{prefix}{name}={value!r}: must be an integer >= {minimum}{why}.")
+
+
 def check_run_settings(problems: list[str], config: ml_collections.ConfigDict, prefix: str,
                        devices: int) -> None:
-  """The settings every trained stage shares: mode, dtype, batch sizes, epochs, optimizer."""
+  """The settings every trained stage shares: mode, dtype, seed, batch sizes, steps, checkpoints,
+  optimizer."""
   if config.get("mode") is not None and config.mode not in MODES:
     problems.append(f"{prefix}mode={config.mode!r}: use 'train' or 'eval'.")
+  at_least(problems, config, prefix, 0, "seed")
+  at_least(problems, config, prefix, 0, "total_steps", why=" (0: num_epochs decides)")
+  at_least(problems, config, prefix, 1, "keep_checkpoints")
   if config.get("dtype") is not None:
     one_of(problems, prefix, "dtype", config.dtype, DTYPES)
   positive(problems, config, prefix, "batch_size", "eval_batch_size")

@@ -36,7 +36,7 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
         f"example, but stages.mmshap.max_examples={mmshap_config.max_examples} explains only the "
         "first ones: set stages.mmshap.max_examples=0 or drop 'sample' from meta.weighting.")
   config_checks.positive(problems, config.meta, f"{prefix}meta.", "num_steps", "hidden_size",
-                         "eval_every_steps", "checkpoint_every_steps")
+                         "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
   every, checkpoint_every = config.meta.eval_every_steps, config.meta.checkpoint_every_steps
   if isinstance(every, int) and every > 0 and checkpoint_every % every:
     problems.append(f"{prefix}meta.checkpoint_every_steps={checkpoint_every} is not a multiple of "

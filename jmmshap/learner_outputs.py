@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,12 +41,19 @@ def _load_npz(path: str, keys: Sequence[str], stage: str) -> dict[str, np.ndarra
     raise FileNotFoundError(f"{path} not found: run the {stage} stage into this workdir first "
                             f"(python train.py --config=configs/meta.py --workdir=... runs every "
                             "missing stage).")
-  with np.load(path, allow_pickle=False) as data:
-    missing = [key for key in keys if key not in data.files]
-    if missing:
-      raise ValueError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(data.files)}): it "
-                       f"was not written by the {stage} stage; run that stage again.")
-    return {key: data[key] for key in keys}
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      missing = [key for key in keys if key not in data.files]
+      if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(data.files)}): it "
+                         f"was not written by the {stage} stage; run that stage again "
+                         f"(--config.rerun={stage}).")
+      return {key: data[key] for key in keys}
+  except (OSError, EOFError, zipfile.BadZipFile) as error:
+    # Outputs are written whole (temp file + rename); a broken one is from an interrupted write of
+    # an older version, or was damaged since.
+    raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}): it is incomplete "
+                     f"or damaged. Build it again with --config.rerun={stage}.") from None
 
 
 def first_values(values: np.ndarray, count: int = 3) -> str:

@@ -125,6 +125,16 @@ def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSour
   return arrays, timing
 
 
+def fingerprint(config: ml_collections.ConfigDict, root: str,
+                builder: Any = None) -> dict[str, Any]:
+  """What the shares are built from: this config, the MMBT's data and classes, and the MMBT's run."""
+  if builder is None:
+    builder = builders.builder_for(data_config(config, workdir.read_config(root, classifier.MMBT.name)))
+  return workdir.fingerprint(config, root, data=builders.identity(builder),
+                             class_names=builder.info.features["label"].names,
+                             reads={classifier.MMBT.name: workdir.run_of(root, classifier.MMBT.name)})
+
+
 def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   """MM-SHAP of the trained MMBT in `root/mmbt` on validation and test -> `root/mmshap/`.
 
@@ -149,6 +159,11 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   designed = None if reliance is None else {c["name"]: c["text_share"] for c in reliance}
   directory = workdir.stage_dir(root, STAGE)
   os.makedirs(directory, exist_ok=True)
+  # The outputs of an earlier run go first: a run stopped half way must not leave a mix of old and
+  # new files that looks finished. The fingerprint is written last, once every output is.
+  current = fingerprint(config, root, builder)
+  workdir.remove(*(os.path.join(directory, name) for name in
+                   (workdir.FINGERPRINT, *map(workdir.shares_file, builders.EVAL_SPLITS))))
   summary = {
       "class_names": trained.class_names, "value": options.value, "target": config.target,
       "method": options.method, "max_exact_players": options.max_exact_players,
@@ -176,4 +191,5 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
                              f"MM-SHAP per class, {split}")
   if workdir.is_writer():
     workdir.write_json(os.path.join(directory, workdir.SUMMARY), summary)
+  workdir.write_fingerprint(root, STAGE, current)
   return summary

@@ -5,10 +5,14 @@
 is what `train.py` calls: it checks the whole config first (every problem listed at once), then runs
 the config's stage; for the main job (`meta`) it first runs the upstream stages that are missing.
 
-Reuse. A finished upstream stage (every file of its `writes` present) is reused when its saved
-config.json matches the requested one and nothing it reads is newer than it; a stage whose saved
-config differs is an error that names the settings (rerun it or use another workdir), and one named
-in `--config.rerun` is deleted and run again. Stages never call back into this module.
+Reuse. Every stage records what it was built from (`workdir.fingerprint`: its settings, the
+prepared dataset's identity, the class names, the runs of the stages it read). A finished upstream
+stage (every file of its `writes` present) is reused when that record matches what the main job
+would build it from now; one whose settings, data or classes differ is an error that names them
+(rerun it or use another workdir); one that read a stage built again since is run again; one named
+in `--config.rerun` is deleted and run again. Each stage runs holding its folder's lock
+(`workdir.StageLock`): a second job on the same stage refuses to start. Stages never call back into
+this module.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Stage:
   reads: tuple[str, ...] = ()  # Stages whose outputs it reads (those the main job has).
   writes: tuple[str, ...] = ()  # Files of its folder that mark it finished.
   optional: bool = False  # In the main job only when another stage's `workdir:` path names it.
+  # (config, workdir) -> what the stage would be built from now; None: never reused.
+  fingerprint: Callable[[ml_collections.ConfigDict, str], dict] | None = None
 
 
 def _classifier(stage: classifier.ClassifierStage, reads: tuple[str, ...] = ()) -> Stage:
@@ -46,7 +52,8 @@ def _classifier(stage: classifier.ClassifierStage, reads: tuple[str, ...] = ()) 
       stage.name, functools.partial(classifier.run, stage=stage),
       lambda config, prefix, devices, siblings: classifier.check_config(config, prefix),
       reads=reads,
-      writes=(workdir.METRICS, *(workdir.logits_file(split) for split in EVAL_SPLITS)))
+      writes=(workdir.METRICS, *(workdir.logits_file(split) for split in EVAL_SPLITS)),
+      fingerprint=classifier.fingerprint)
 
 
 def _mmshap_check(config, prefix, devices, siblings) -> list[str]:
@@ -60,10 +67,12 @@ STAGES: tuple[Stage, ...] = (
     _classifier(classifier.IMAGE),
     Stage(clip_pretrain.STAGE, clip_pretrain.run,
           lambda config, prefix, devices, siblings: clip_pretrain.check_config(config, prefix),
-          writes=(workdir.METRICS, workdir.EXPORT_WEIGHTS), optional=True),
+          writes=(workdir.METRICS, workdir.EXPORT_WEIGHTS), optional=True,
+          fingerprint=classifier.fingerprint),
     _classifier(classifier.MMBT, reads=(clip_pretrain.STAGE,)),
     Stage(mmshap_stage.STAGE, mmshap_stage.run, _mmshap_check, reads=(classifier.MMBT.name,),
-          writes=tuple(workdir.shares_file(split) for split in EVAL_SPLITS)),
+          writes=tuple(workdir.shares_file(split) for split in EVAL_SPLITS),
+          fingerprint=mmshap_stage.fingerprint),
     Stage(ensemble.STAGE, ensemble.run,
           lambda config, prefix, devices, siblings: ensemble.check_config(config, prefix),
           reads=(*(learner.name for learner in classifier.CLASSIFIERS.values()), mmshap_stage.STAGE),
@@ -123,18 +132,29 @@ def main_job_stages(variant_configs: dict[str, ml_collections.ConfigDict]) -> li
           if name in variant_configs and (not REGISTRY[name].optional or name in referenced)]
 
 
-def _stale_reads(root: str, stage: Stage, stages: ml_collections.ConfigDict,
-                 ran: list[str]) -> list[str]:
-  """The stages this finished stage reads that ran in this job or finished after it."""
-  written = workdir.written_at(root, stage.name, stage.writes)
-  stale = []
-  for name in stage.reads:
-    if name not in stages:
-      continue
-    finished = workdir.finished_at(root, name, REGISTRY[name].writes)
-    if name in ran or (finished is not None and finished > written):
-      stale.append(name)
-  return stale
+def _reuse(root: str, stage: Stage, stage_config: ml_collections.ConfigDict) -> bool:
+  """Whether a stage's folder can be reused as it is; raises when it was built from other inputs.
+
+  A folder that read a stage built again since is deleted (so it runs again from scratch).
+  """
+  directory = workdir.stage_dir(root, stage.name)
+  saved = workdir.read_fingerprint(root, stage.name)
+  if saved is None:
+    # Nothing built yet, or a folder of an older version: its config.json is what can be checked.
+    differences, stale = workdir.config_differences(root, stage.name, stage_config), []
+  else:
+    differences, stale = workdir.fingerprint_differences(
+        saved, stage.fingerprint(stage_config, root))
+  if differences:
+    raise workdir.StaleStageError(
+        f"{directory} was trained with other settings or data than config.stages.{stage.name} "
+        f"asks for ({'; '.join(differences[:5])}{'; ...' if len(differences) > 5 else ''}): add "
+        f"{stage.name} to --config.rerun to train it again, or use another --workdir.")
+  if stale:
+    logging.info("pipeline: %s is out of date (%s); running it again", directory, "; ".join(stale))
+    workdir.remove(directory)
+    return False
+  return True
 
 
 def run_upstream(config: ml_collections.ConfigDict, root: str) -> list[str]:
@@ -151,17 +171,7 @@ def run_upstream(config: ml_collections.ConfigDict, root: str) -> list[str]:
       logging.info("pipeline: --config.rerun names %s: deleting %s and running it again",
                    stage.name, directory)
       workdir.remove(directory)
-    differences = workdir.config_differences(root, stage.name, stage_config)
-    if differences:
-      raise ValueError(
-          f"{directory} was trained with other settings than config.stages.{stage.name} asks for "
-          f"({'; '.join(differences[:5])}{'; ...' if len(differences) > 5 else ''}): add "
-          f"{stage.name} to --config.rerun to train it again, or use another --workdir.")
-    done = workdir.finished_at(root, stage.name, stage.writes) is not None
-    if done and (stale := _stale_reads(root, stage, config.stages, ran)):
-      logging.info("pipeline: %s read an older %s; running it again", directory, ", ".join(stale))
-      done = False
-    if done:
+    if _reuse(root, stage, stage_config) and not workdir.missing(root, stage.name, stage.writes):
       logging.info("pipeline: reusing the finished %s stage in %s", stage.name, directory)
       continue
     logging.info("pipeline: running the %s stage into %s", stage.name, directory)
@@ -175,6 +185,9 @@ def run(config: ml_collections.ConfigDict, root: str) -> Any:
   first runs the upstream stages it needs."""
   validate(config)
   stage = REGISTRY[config.stage]
-  if stage.name == MAIN_JOB and config.mode == "train":
-    run_upstream(config, root)
-  return stage.run(workdir.resolve_paths(config, root), root)
+  directory = (ensemble.output_dir(root, config) if stage.name == MAIN_JOB
+               else workdir.stage_dir(root, stage.name))
+  with workdir.StageLock(directory):
+    if stage.name == MAIN_JOB and config.mode == "train":
+      run_upstream(config, root)
+    return stage.run(workdir.resolve_paths(config, root), root)

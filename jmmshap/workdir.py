@@ -24,14 +24,20 @@ a run killed mid-write leaves the old file or none, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from jmmshap.tokenizer import TOKENIZER_FILE
@@ -46,6 +52,8 @@ BEST = "best"
 EXPORT = "export"
 EXPORT_WEIGHTS = os.path.join(EXPORT, "model.safetensors")
 SUMMARY = "summary.json"
+FINGERPRINT = "fingerprint.json"
+LOCK = ".lock"
 TRAINING = "training.json"
 REPORT = "report.md"
 
@@ -62,29 +70,40 @@ def shares_file(split: str) -> str:
   return f"mmshap_{split}.npz"
 
 
-def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
+def stage_dir(root: str, stage: str) -> str:
+  return os.path.join(root, stage)
 
 
-def path(workdir: str, stage: str, name: str) -> str:
+def path(root: str, stage: str, name: str) -> str:
   """The file `name` of a stage's folder."""
-  return os.path.join(workdir, stage, name)
+  return os.path.join(root, stage, name)
 
 
-def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of `config` whose `workdir:<path>` checkpoint settings point into `workdir`."""
+def resolve_paths(config: ml_collections.ConfigDict, root: str) -> ml_collections.ConfigDict:
+  """A copy of `config` whose `workdir:<path>` checkpoint settings point into `root`."""
   config = ml_collections.ConfigDict(config.to_dict())  # Locked configs stay untouched.
   for key in CHECKPOINT_KEYS:
     value = config.get(key)
     if isinstance(value, str) and value.startswith(PREFIX):
-      config[key] = os.path.join(workdir, value[len(PREFIX):])
+      config[key] = os.path.join(root, value[len(PREFIX):])
   return config
 
 
-def stages_referenced(config: ml_collections.ConfigDict) -> set[str]:
-  """The stages whose outputs a config's `workdir:<stage>/...` settings name."""
-  return {value[len(PREFIX):].split("/")[0] for key in CHECKPOINT_KEYS
-          if isinstance(value := config.get(key), str) and value.startswith(PREFIX)}
+def stages_referenced(config: ml_collections.ConfigDict, root: str | None = None) -> set[str]:
+  """The stages whose outputs a config's checkpoint settings name: `workdir:<stage>/...`, or (with
+  `root`) a path already resolved into that workdir."""
+  stages = set()
+  for key in CHECKPOINT_KEYS:
+    value = config.get(key)
+    if not isinstance(value, str):
+      continue
+    if value.startswith(PREFIX):
+      stages.add(value[len(PREFIX):].split("/")[0])
+    elif root is not None and os.path.isabs(value):
+      inside = os.path.relpath(value, os.path.abspath(root))
+      if not inside.startswith(os.pardir):
+        stages.add(inside.split(os.sep)[0])
+  return stages
 
 
 def is_writer() -> bool:
@@ -98,6 +117,16 @@ def write_atomically(target: str, write: Callable[[str], Any]) -> None:
   root, extension = os.path.splitext(target)
   partial = f"{root}.partial-{os.getpid()}{extension}"  # np.savez insists on its extension.
   write(partial)
+  os.replace(partial, target)
+
+
+def write_folder_atomically(target: str, write: Callable[[str], Any]) -> None:
+  """`write(partial_folder)`, then the folder replaces `target`: a run killed mid-write leaves
+  the old folder, or none (between the two renames), never a half-written one under its name."""
+  partial = f"{target}.partial-{os.getpid()}"
+  shutil.rmtree(partial, ignore_errors=True)
+  write(partial)
+  shutil.rmtree(target, ignore_errors=True)
   os.replace(partial, target)
 
 
@@ -129,23 +158,10 @@ def remove(*paths: str) -> None:
     multihost_utils.sync_global_devices(f"jmmshap.workdir: removed {paths}")
 
 
-def missing(workdir: str, stage: str, names: Iterable[str]) -> list[str]:
+def missing(root: str, stage: str, names: Iterable[str]) -> list[str]:
   """Those of a stage's files that do not exist yet."""
-  return [target for target in (path(workdir, stage, name) for name in names)
+  return [target for target in (path(root, stage, name) for name in names)
           if not os.path.isfile(target)]
-
-
-def finished_at(workdir: str, stage: str, names: Iterable[str]) -> float | None:
-  """When the last of a stage's final files was written; None while any is missing."""
-  targets = [path(workdir, stage, name) for name in names]
-  if not all(os.path.isfile(target) for target in targets):
-    return None
-  return max(os.path.getmtime(target) for target in targets)
-
-
-def written_at(workdir: str, stage: str, names: Iterable[str]) -> float:
-  """When the first of a stage's (existing) final files was written."""
-  return min(os.path.getmtime(path(workdir, stage, name)) for name in names)
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -159,22 +175,187 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def config_differences(workdir: str, stage: str,
+def config_differences(root: str, stage: str,
                        requested: ml_collections.ConfigDict) -> list[str]:
   """Settings in which a stage's saved config.json differs from the one requested now."""
-  saved_path = path(workdir, stage, CONFIG)
+  saved_path = path(root, stage, CONFIG)
   if not os.path.isfile(saved_path):
     return []
   saved = flatten(read_json(saved_path))
-  wanted = flatten(json.loads(resolve_paths(requested, workdir).to_json()))
+  wanted = flatten(json.loads(resolve_paths(requested, root).to_json()))
   return [f"{key}: {saved[key]!r} there, {wanted[key]!r} now"
           for key in sorted(set(saved) & set(wanted)) if key != "mode" and saved[key] != wanted[key]]
 
 
-def read_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
+def read_config(root: str, stage: str) -> ml_collections.ConfigDict:
   """A stage's saved config.json; a clear error naming what to run when there is none."""
-  saved_path = path(workdir, stage, CONFIG)
+  saved_path = path(root, stage, CONFIG)
   if not os.path.isfile(saved_path):
-    raise FileNotFoundError(f"{saved_path} not found: train the {stage} stage into {workdir} first "
-                            f"(python train.py --config=configs/{stage}.py --workdir={workdir}).")
+    raise FileNotFoundError(f"{saved_path} not found: train the {stage} stage into {root} first "
+                            f"(python train.py --config=configs/{stage}.py --workdir={root}).")
   return ml_collections.ConfigDict(read_json(saved_path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprints: what a stage was built from.
+
+# Settings that change neither what a stage learns nor what it writes: not part of its fingerprint
+# (the data's location is not either; the dataset's identity is).
+UNFINGERPRINTED = ("mode", "rerun", "output_dir", "log_every_steps", "keep_checkpoints",
+                   "data.data_dir", "data.manual_dir")
+
+
+class StaleStageError(ValueError):
+  """A stage folder built from other inputs than the ones a run is given now."""
+
+
+def fingerprint(config: ml_collections.ConfigDict, root: str, *, data: str,
+                class_names: Iterable[str], reads: Mapping[str, str | None]) -> dict[str, Any]:
+  """What a stage is built from: its settings, the prepared dataset's identity (its builder's full
+  name, which hashes the CSV and the images), the class names and the run of each stage it reads."""
+  settings = flatten(json.loads(resolve_paths(config, root).to_json()))
+  return {"config": {key: value for key, value in settings.items() if key not in UNFINGERPRINTED},
+          "data": data, "class_names": list(class_names), "reads": dict(sorted(reads.items()))}
+
+
+def read_fingerprint(root: str, stage: str) -> dict[str, Any] | None:
+  target = path(root, stage, FINGERPRINT)
+  return read_json(target) if os.path.isfile(target) else None
+
+
+def run_of(root: str, stage: str) -> str | None:
+  """The id of the run that built a stage (new each time it is built from scratch)."""
+  saved = read_fingerprint(root, stage)
+  return None if saved is None else saved.get("run")
+
+
+def write_fingerprint(root: str, stage: str, current: Mapping[str, Any]) -> None:
+  if is_writer():
+    os.makedirs(stage_dir(root, stage), exist_ok=True)
+    write_json(path(root, stage, FINGERPRINT), {**current, "run": uuid.uuid4().hex})
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def fingerprint_differences(saved: Mapping[str, Any],
+                            current: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+  """(differences in the stage's own inputs: settings, data, classes; stages it read that were
+  built again since). Settings only one side has (a newer version's fields) are not differences."""
+  inputs = [f"{key}: {saved['config'][key]!r} there, {current['config'][key]!r} now"
+            for key in sorted(set(saved["config"]) & set(current["config"]))
+            if saved["config"][key] != current["config"][key]]
+  if saved["data"] != current["data"]:
+    inputs.append(f"dataset: {saved['data']} there, {current['data']} now")
+  if saved["class_names"] != current["class_names"]:
+    inputs.append(f"class names: {_short(saved['class_names'])} there, "
+                  f"{_short(current['class_names'])} now")
+  reads = [f"{stage} was built again since" for stage in sorted(current["reads"])
+           if saved["reads"].get(stage) != current["reads"][stage]]
+  return inputs, reads
+
+
+def claim(root: str, stage: str, current: Mapping[str, Any], *, training: bool) -> None:
+  """Checks a stage folder against the inputs a run is given now, before it resumes or evaluates
+  anything there; a new folder (training) records them.
+
+  A folder of an older version without a fingerprint is taken as it is, with a warning.
+  """
+  saved = read_fingerprint(root, stage)
+  if saved is None:
+    if os.path.isdir(path(root, stage, CHECKPOINTS)) or os.path.isdir(path(root, stage, BEST)):
+      logging.warning("%s has no %s (made by an older version): its inputs cannot be checked.",
+                      stage_dir(root, stage), FINGERPRINT)
+    if training:
+      write_fingerprint(root, stage, current)
+    return
+  inputs, reads = fingerprint_differences(saved, current)
+  if inputs or reads:
+    raise StaleStageError(
+        f"{stage_dir(root, stage)} was built from other inputs than this run's "
+        f"({'; '.join((inputs + reads)[:6])}{'; ...' if len(inputs + reads) > 6 else ''}): "
+        f"{'train' if training else 'evaluating'} it here would mix them. Build it again with "
+        f"--config.rerun={stage} in the main job (or delete {stage_dir(root, stage)}), or use "
+        "another --workdir.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One writer per stage folder.
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class StageLock:
+  """`directory/.lock` while a job writes into a stage folder: a second job refuses to start there.
+
+  The lock holds the owner's pid and host; a lock whose process is gone (same host) is taken over.
+  In a job of several processes, process 0 holds it for all of them and every process learns
+  whether it got it, so that they all stop together.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.target = os.path.join(directory, LOCK)
+    self.held = False
+
+  def _try(self) -> str | None:
+    """None once the lock is ours; else why not."""
+    os.makedirs(self.directory, exist_ok=True)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(3):
+      try:
+        with open(self.target, "x") as f:
+          json.dump(owner, f)
+        return None
+      except FileExistsError:
+        try:
+          holder = read_json(self.target)
+        except (OSError, ValueError):
+          holder = {}
+        pid, host = holder.get("pid"), holder.get("host")
+        if host == owner["host"] and isinstance(pid, int) and not _alive(pid):
+          logging.warning("%s: taking over the lock of process %d, which is gone.", self.directory,
+                          pid)
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(self.target)
+          continue
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+        return (f"another job (process {pid} on {host}, since {since}) is writing into "
+                f"{self.directory}: wait for it or stop it, or run this one in another --workdir. "
+                f"If that job is gone, delete {self.target}.")
+    return f"{self.target} keeps changing hands; try again."
+
+  def __enter__(self) -> "StageLock":
+    problem = self._try() if is_writer() else None
+    if problem is None and is_writer():
+      # Temporary files of writers that died before their rename: this job is the only writer now.
+      for name in os.listdir(self.directory):
+        if ".partial-" in name:
+          target = os.path.join(self.directory, name)
+          if os.path.isdir(target):
+            shutil.rmtree(target)
+          else:
+            os.remove(target)
+    if jax.process_count() > 1:
+      got = multihost_utils.broadcast_one_to_all(np.int32(problem is None))
+      problem = problem or (None if int(got) else f"process 0 could not lock {self.directory}")
+    if problem:
+      raise RuntimeError(problem)
+    self.held = is_writer()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self.held:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.target)
+      self.held = False

@@ -75,13 +75,20 @@ class Tiny:
     return with_overrides(config, Tiny.overrides(stage, data_dir, overrides))
 
   @staticmethod
+  def pipeline_overrides(data_dir: str,
+                         extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The dotted overrides of the tiny main job; the data config is given once, at the top."""
+    stages = importlib.import_module("configs.meta").get_config("toyshop").stages
+    return {"data.data_dir": data_dir, **_under("data.", TINY_DATA), **TINY_META,
+            **{key: value for name in stages for key, value in _under(f"stages.{name}.",
+                                                                       TINY[name]).items()},
+            **(extra or {})}
+
+  @staticmethod
   def pipeline(data_dir: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """The main job with every stage tiny; the data config is given once, at the top."""
+    """The main job with every stage tiny."""
     config = importlib.import_module("configs.meta").get_config("toyshop")
-    with_overrides(config, {"data.data_dir": data_dir, **_under("data.", TINY_DATA), **TINY_META})
-    for name in config.stages:
-      with_overrides(config.stages[name], TINY[name])
-    return with_overrides(config, overrides or {})
+    return with_overrides(config, Tiny.pipeline_overrides(data_dir, overrides))
 
 
 @pytest.fixture(scope="session")

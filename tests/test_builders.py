@@ -328,6 +328,13 @@ def test_product_folder_missing_column_is_an_error(tmp_path):
     builders.prepare(_folder_config(folder, tmp_path / "data", text_column="title"))
 
 
+def test_a_csv_without_the_split_column_says_how_to_get_the_stratified_split(tmp_path):
+  folder = _write_folder(tmp_path / "shop", _base_rows(with_split=False))
+  with pytest.raises(builders.CsvFormatError, match="no column.*'split'.*split_column to '' for a "
+                                                    "seeded stratified 70/10/20 split"):
+    builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad rows, in both modes. Each case breaks the row of id `dog4` (line 12, validation) or `cat1`
 # (line 3, train) of `_base_rows()`, and says what the error and the report must name.
@@ -348,6 +355,15 @@ def _truncate_image(folder):
     f.write(data[:len(data) // 2])
 
 
+def _link_image_outside(folder):
+  """images/dog4.jpg becomes a symlink to a real photo beside (outside) the image folder."""
+  outside = os.path.join(folder, "outside.jpg")
+  with open(outside, "wb") as f:
+    f.write(_jpeg((1, 2, 3)))
+  os.remove(os.path.join(folder, "images", "dog4.jpg"))
+  os.symlink(outside, os.path.join(folder, "images", "dog4.jpg"))
+
+
 @dataclasses.dataclass(frozen=True)
 class _BadCase:
   bad_id: str
@@ -357,6 +373,7 @@ class _BadCase:
   folder_edit: Callable[[str], None] | None = None
   raw_text: bytes | None = None  # Replaces the bad row's text with these (non-UTF-8) bytes.
   extra: dict = dataclasses.field(default_factory=dict)
+  split_unreadable: bool = False  # The bad line's split field cannot be read: reported unassigned.
 
   @property
   def line(self) -> int:
@@ -365,6 +382,10 @@ class _BadCase:
   @property
   def split(self) -> str:
     return {"cat1": "train", "dog4": "validation"}[self.bad_id]
+
+  @property
+  def report_split(self) -> str:
+    return builders.UNASSIGNED if self.split_unreadable else self.split
 
   def make(self, root) -> str:
     rows = [dict(row, **self.row_edits.get(row["id"], {})) for row in _base_rows()]
@@ -393,6 +414,20 @@ _BAD_CASES = [
     pytest.param(_BadCase("cat1", "not valid UTF-8 (byte 0xe9", "products.csv",
                           raw_text="Caf\xe9 cat".encode("latin-1")),
                  id="not_utf8"),
+    pytest.param(_BadCase("cat1", "empty title", "products.csv",
+                          row_edits={"cat1": {"text": "\u200b \u200d\ufeff"}}),
+                 id="zero_width_title"),
+    pytest.param(_BadCase("dog4", "image path 'dog4.jpg' leads outside the image folder",
+                          "products.csv", folder_edit=_link_image_outside),
+                 id="symlink_out_of_the_image_folder"),
+    # A field that opens with a quote it never closes: without the check it swallows every line
+    # after it (there is no other quote in the file) and the rows below it are lost.
+    pytest.param(_BadCase("cat1", "unmatched quote", "products.csv", raw_text=b'"5 inch cat',
+                          split_unreadable=True),
+                 id="unmatched_quote"),
+    pytest.param(_BadCase("cat1", "field larger than field limit", "products.csv",
+                          raw_text=b"x" * 200_000),
+                 id="field_over_the_csv_limit"),
 ]
 
 
@@ -420,8 +455,9 @@ def test_bad_row_is_skipped_counted_logged_and_reported(tmp_path, caplog, case):
 
   report = builders.read_report(builder)
   assert report["on_bad_row"] == "skip"
-  assert report["skipped"] == {s: int(s == case.split) for s in (*builders.SPLITS, builders.UNASSIGNED)}
-  (entry,) = report["bad_rows"][case.split]
+  assert report["skipped"] == {s: int(s == case.report_split)
+                               for s in (*builders.SPLITS, builders.UNASSIGNED)}
+  (entry,) = report["bad_rows"][case.report_split]
   assert entry["line"] == case.line and entry["id"] == case.bad_id
   assert case.reason in entry["reason"] and entry["file"] == os.path.join(folder, case.file)
   assert report["examples"] == {split: len(stored[split]) for split in builders.SPLITS}
@@ -444,6 +480,22 @@ def test_fashion_bad_rows_follow_the_same_policy(fashion_sample, tmp_path):
   assert sum(builder.info.splits[s].num_examples for s in builders.SPLITS) == len(rows) - 1
 
 
+def test_fashion_ids_that_lead_outside_the_image_folder_are_bad_rows(fashion_sample, tmp_path):
+  folder = _copy_folder(fashion_sample, tmp_path / "fashion")
+  rows = _fashion_rows(folder)
+  hostile = dict(rows[0], id="../../outside")
+  secret = os.path.join(folder, "images", "..", "..", "outside.jpg")  # It exists; the error must not tell.
+  shutil.copy(os.path.join(folder, "images", f"{rows[0]['id']}.jpg"), secret)
+  with open(os.path.join(folder, "products.csv"), "a", newline="", encoding="utf-8") as f:
+    csv.DictWriter(f, fieldnames=list(rows[0])).writerow(hostile)
+  line = len(rows) + 2
+  with pytest.raises(builders.BadRowError, match=rf"line {line} \(id '../../outside'\): image path "
+                                                 r"'../../outside.jpg' leads outside the image folder"):
+    builders.prepare(_fashion_config(folder, tmp_path / "data", top_k=None))
+  builder = builders.prepare(_fashion_config(folder, tmp_path / "data", top_k=None, on_bad_row="skip"))
+  assert sum(builder.info.splits[s].num_examples for s in builders.SPLITS) == len(rows)
+
+
 def test_bad_split_value_is_reported_as_unassigned(tmp_path):
   rows = _base_rows()
   rows[1]["split"] = "holdout"  # cat1, line 3.
@@ -455,6 +507,56 @@ def test_bad_split_value_is_reported_as_unassigned(tmp_path):
   report = builders.read_report(builder)
   assert report["skipped"][builders.UNASSIGNED] == 1
   assert report["bad_rows"][builders.UNASSIGNED][0]["id"] == "cat1"
+
+
+@pytest.mark.parametrize("name", ["../../outside.jpg", "/etc/hostname", "sub/../../outside.jpg"])
+def test_image_paths_outside_the_folder_are_bad_rows_whether_or_not_the_file_exists(tmp_path, name):
+  rows = [dict(row, image=f"{row['id']}.jpg") for row in _base_rows()]
+  rows[1]["image"] = name  # cat1, line 3.
+  folder = _write_folder(tmp_path / "shop", rows)
+  messages = []
+  for exists in (True, False):
+    target = os.path.normpath(os.path.join(folder, "images", name))
+    if exists and not os.path.exists(target):
+      with open(target, "wb") as f:
+        f.write(_jpeg((1, 2, 3)))
+    if not exists and target.startswith(str(tmp_path)) and os.path.exists(target):
+      os.remove(target)
+    with pytest.raises(builders.BadRowError) as error:
+      builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split",
+                                      image_column="image"))
+    messages.append(str(error.value))
+  assert "line 3 (id 'cat1')" in messages[0] and "leads outside the image folder" in messages[0]
+  if name != "/etc/hostname":  # That one exists either way; the others differ only in existence.
+    assert messages[0] == messages[1]
+  builder = builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split",
+                                            image_column="image", on_bad_row="skip"))
+  assert "cat1" not in _read_all(builder, "train")
+  assert builders.read_report(builder)["skipped"]["train"] == 1
+
+
+def test_labels_differing_only_in_case_are_named_in_a_warning(tmp_path, caplog):
+  rows = _base_rows()
+  rows[0]["label"] = "Cat"
+  folder = _write_folder(tmp_path / "shop", rows)
+  with caplog.at_level(logging.WARNING):
+    builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split"))
+  assert any("differ only in case" in record.getMessage() and "Cat / cat" in record.getMessage()
+             for record in caplog.records)
+
+
+def test_a_replaced_photo_prepares_the_dataset_again(tmp_path):
+  folder = _write_folder(tmp_path / "shop", _base_rows())
+  config = _folder_config(folder, tmp_path / "data", split_column="split")
+  first = builders.prepare(config)
+  assert builders.prepare(config).data_dir == first.data_dir  # Nothing changed: the same cache.
+  photo = os.path.join(folder, "images", "cat0.jpg")
+  with open(photo, "wb") as f:
+    f.write(_jpeg((0, 250, 0), size=(10, 6)))
+  second = builders.prepare(config)
+  assert second.data_dir != first.data_dir
+  stored = _read_all(second, "train")["cat0"]["image"]
+  assert stored.shape == (6, 10, 3) and stored[..., 1].mean() > 200
 
 
 def test_invalid_on_bad_row_is_an_error(tmp_path):

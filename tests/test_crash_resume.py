@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -92,3 +93,48 @@ def test_save_cut_short_leaves_the_previous_checkpoint_to_resume_from(restarted)
   _, _, good, cut_short, output = restarted
   assert f"resumed from step {good} of {TOTAL}" in output
   assert not any(os.path.exists(path) for path in cut_short)  # Deleted, never restored.
+
+
+# --------------------------------------------------------------------------------------------------
+# The main job killed while it writes the MM-SHAP shares, or the meta report.
+
+KILLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_while_writing.py")
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory, tiny):
+  """A finished tiny main job, its command, and a `finish(workdir)` that runs the command."""
+  root = tmp_path_factory.mktemp("main_job")
+  overrides = tiny.pipeline_overrides(str(root / "tfds"))
+  env = train_subprocess.cpu_env(device_count=2, compilation_cache=str(root / "jax_cache"))
+
+  def command(workdir):
+    return train_subprocess.train_command(workdir, overrides, config="configs/meta.py")
+
+  def finish(workdir, name):
+    train_subprocess.finish(train_subprocess.start(command(workdir), env, str(root / f"{name}.log")))
+    with open(os.path.join(workdir, "meta", "metrics.json")) as f:
+      return json.load(f)
+
+  uninterrupted = str(root / "uninterrupted")
+  return root, uninterrupted, finish(uninterrupted, "uninterrupted"), command, env, finish
+
+
+@pytest.mark.parametrize("target, redo", [
+    (os.path.join("mmshap", "mmshap_validation.npz"), ("mmshap", "meta")),
+    (os.path.join("meta", "metrics.json"), ("meta",)),
+])
+def test_main_job_killed_while_writing_an_output_reruns_to_the_same_metrics(main_job, target, redo):
+  root, uninterrupted, metrics, command, env, finish = main_job
+  workdir = str(root / f"killed_{os.path.dirname(target)}")
+  shutil.copytree(uninterrupted, workdir, ignore=lambda folder, names: (
+      set(redo) & set(names) if folder == uninterrupted else ()))
+  log = str(root / f"killed_{os.path.dirname(target)}.log")
+  process = train_subprocess.start([sys.executable, KILLER, target, *command(workdir)[2:]], env, log)
+  process.wait(timeout=train_subprocess.TIMEOUT_S)
+  assert process.returncode == -signal.SIGKILL, open(log, errors="replace").read()[-3000:]
+  final = os.path.join(workdir, target)
+  partial = [name for name in os.listdir(os.path.dirname(final)) if ".partial-" in name]
+  assert partial and not os.path.exists(final)  # Killed half way through that very file.
+  assert finish(workdir, f"rerun_{os.path.dirname(target)}") == metrics
+  assert not [name for name in os.listdir(os.path.dirname(final)) if ".partial-" in name]

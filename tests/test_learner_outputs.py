@@ -63,3 +63,18 @@ def test_shares_of_examples_the_learners_never_saw_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"mmshap_validation.npz explains 1 examples that .*mmbt/"
                                        r"logits_validation.npz does not hold \('elsewhere-1'\)"):
     learner_outputs.load_shares(workdir, outputs)
+
+
+@pytest.mark.parametrize("stage, name", [("mmshap", "mmshap_test.npz"),
+                                         ("image", "logits_validation.npz")])
+def test_a_half_written_output_names_the_file_and_the_rerun_that_rebuilds_it(tmp_path, stage, name):
+  workdir = fakes.fake_workdir(str(tmp_path))
+  path = os.path.join(workdir, stage, name)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:  # As an older version's interrupted, non-atomic write left it.
+    f.write(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=rf"{name} cannot be read .*incomplete or damaged.*"
+                                       rf"--config.rerun={stage}"):
+    for split in ("validation", "test"):
+      learner_outputs.load_shares(workdir, learner_outputs.load_base_outputs(workdir, split))

@@ -3,6 +3,8 @@ runs the missing stages, reuses the finished ones and reruns the stale ones."""
 
 import json
 import os
+import socket
+import subprocess
 
 import pytest
 
@@ -71,6 +73,19 @@ def test_every_problem_is_listed_in_one_error():
     assert fragment in message
 
 
+def test_negative_steps_and_seed_and_no_kept_checkpoint_are_refused_at_once():
+  config = text.get_config()
+  config.update(total_steps=-5, seed=-1, keep_checkpoints=0)
+  message = _problems(config)
+  assert "3 setting(s) cannot work" in message
+  for fragment in ("total_steps=-5: must be an integer >= 0", "seed=-1: must be an integer >= 0",
+                   "keep_checkpoints=0: must be an integer >= 1"):
+    assert fragment in message
+  pipeline_config = meta.get_config()
+  pipeline_config.meta.keep_checkpoints = 0
+  assert "meta.keep_checkpoints=0: must be a positive integer" in _problems(pipeline_config)
+
+
 def test_clip_patch_that_does_not_divide_the_image_is_refused():
   config = clip_pretrain.get_config()
   config.model.clip.patch_size = 5
@@ -125,12 +140,40 @@ def test_the_main_job_runs_every_missing_stage_then_reuses_them(tmp_path_factory
     assert os.path.getsize(os.path.join(job, "meta", name)) > 0
 
   assert pipeline.run_upstream(config, job) == []  # Everything finished is reused.
-  # An MMBT newer than the MM-SHAP that explained it: MM-SHAP is stale and runs again.
-  later = workdir.finished_at(job, "mmshap", pipeline.REGISTRY["mmshap"].writes) + 0.01
-  os.utime(workdir.path(job, "mmbt", workdir.METRICS), (later, later))
+  # Where the data lives and how often a stage logs do not change what it learns: still reused.
+  moved = tiny.pipeline(str(root / "tfds_moved"), {"stages.text.log_every_steps": 2})
+  assert pipeline.run_upstream(moved, job) == []
+  # An MMBT built again since MM-SHAP explained it: MM-SHAP is out of date and runs again.
+  fingerprint = workdir.read_fingerprint(job, "mmbt")
+  workdir.write_json(workdir.path(job, "mmbt", workdir.FINGERPRINT), {**fingerprint, "run": "new"})
   assert pipeline.run_upstream(config, job) == ["mmshap"]
   assert pipeline.run_upstream(config, job) == []
   config.stages.text.total_steps = 3
   with pytest.raises(ValueError, match=r"workdir_meta/text was trained with other settings .*"
                                        r"total_steps: 2 there, 3 now.*add text to --config.rerun"):
     pipeline.run_upstream(config, job)
+  # Other data under the same settings (another toyshop draw): never reused for it.
+  other_data = tiny.pipeline(str(root / "tfds_stages"), {"data.toyshop.seed": 1})
+  with pytest.raises(workdir.StaleStageError, match=r"workdir_meta/text was trained with other "
+                                                    r"settings or data .*dataset: toyshop/"):
+    pipeline.run_upstream(other_data, job)
+
+
+def test_a_second_job_on_a_stage_refuses_to_start_and_a_dead_owners_lock_is_taken_over(
+    tmp_path, tiny):
+  job = str(tmp_path / "job")
+  config = tiny.config("image", str(tmp_path / "tfds"))
+  lock = os.path.join(workdir.stage_dir(job, "image"), workdir.LOCK)
+  os.makedirs(os.path.dirname(lock))
+  with subprocess.Popen(["sleep", "60"]) as other:
+    try:
+      workdir.write_json(lock, {"pid": other.pid, "host": socket.gethostname(), "since": 0})
+      with pytest.raises(RuntimeError, match=rf"another job \(process {other.pid} on .*\) is writing "
+                                             r"into .*job/image"):
+        pipeline.run(config, job)
+      assert not os.path.exists(workdir.path(job, "image", workdir.METRICS))
+    finally:
+      other.kill()
+  pipeline.run(config, job)  # Its owner is gone: the lock is taken over, and released after.
+  assert os.path.isfile(workdir.path(job, "image", workdir.METRICS))
+  assert not os.path.exists(lock)

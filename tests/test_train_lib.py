@@ -14,6 +14,7 @@ import pytest
 
 from configs import text as text_config
 from jmmshap import checkpoints, metrics, pipeline, train_lib
+from jmmshap.workdir import StaleStageError
 
 
 # 72 training titles (6 per class), 36 test; validation and checkpoints at steps 3 and 6.
@@ -87,14 +88,31 @@ def test_eval_mode_restores_the_best_checkpoint_and_reproduces_metrics(trained):
   assert pipeline.run(eval_config, workdir) == report
 
 
-def test_eval_mode_with_another_model_config_names_the_differing_parameters(trained):
+def test_eval_mode_with_another_model_config_names_the_differing_setting(trained, tmp_path):
   config, _, workdir, _ = trained
   other = ml_collections.ConfigDict(config.to_dict())
   other.mode = "eval"
   other.model.intermediate_size = 48
+  with pytest.raises(StaleStageError, match=r"text was built from other inputs than this run's "
+                                            r"\(model.intermediate_size: 32 there, 48 now\)"):
+    pipeline.run(other, workdir)
+  # A folder of an older version, without its fingerprint: the checkpoint's shapes are checked.
+  older = str(tmp_path / "older")
+  shutil.copytree(workdir, older)
+  os.remove(os.path.join(older, "text", "fingerprint.json"))
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match=r"(?s)text/best \(step \d\) was written by a model of another config:\n.*"
                            r"intermediate/kernel: \(16, 32\) in the checkpoint, \(16, 48\) in the model"):
+    pipeline.run(other, older)
+
+
+def test_a_trained_model_is_never_evaluated_on_other_data(trained):
+  config, root, workdir, _ = trained
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.mode = "eval"
+  other.data.toyshop.seed = 1  # Same settings, another draw of products.
+  with pytest.raises(StaleStageError, match=r"built from other inputs .*dataset: toyshop/.*seed0.* "
+                                            r"there, toyshop/.*seed1.* now"):
     pipeline.run(other, workdir)
 
 

@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
 
-def train_command(workdir: str, overrides: Mapping[str, Any], *flags: str) -> list[str]:
-  return [sys.executable, TRAIN, "--config=configs/text.py", f"--workdir={workdir}",
+def train_command(workdir: str, overrides: Mapping[str, Any], *flags: str,
+                  config: str = "configs/text.py") -> list[str]:
+  return [sys.executable, TRAIN, f"--config={config}", f"--workdir={workdir}",
           *(f"--config.{key}={value}" for key, value in overrides.items()), *flags]
 
 
