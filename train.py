@@ -10,6 +10,8 @@ starts them and JAX finds its peers by itself; elsewhere give each process the c
 the process count and its own index (README, "Multi-host").
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,6 +37,22 @@ _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "host under SLURM, where JAX otherwise gives each task one GPU.")
 
 
+def explicit_settings(argv: list[str], config) -> dict:
+  """The settings the command line set (`--config.a.b=v`, and the variant of `--config=FILE:V`),
+  as parsed: eval mode holds them against the run saved in the workdir."""
+  explicit = {}
+  for arg in argv[1:]:
+    if arg.startswith("--config=") and ":" in arg:
+      explicit["variant"] = config.get("variant")
+    elif arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      value = config
+      for part in key.split("."):
+        value = value[part]
+      explicit[key] = value
+  return explicit
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -50,7 +68,7 @@ def main(argv):
   logging.info("process %d of %d; local devices %s; %d devices in all", jax.process_index(),
                jax.process_count(), jax.local_devices(), jax.device_count())
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    pipeline.run(_CONFIG.value, _WORKDIR.value, explicit_settings(sys.argv, _CONFIG.value))
   finally:
     parallel.release_devices()
 

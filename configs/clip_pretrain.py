@@ -16,7 +16,9 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  variant, _ = common.parse_arg(arg)
+  # `,paper` is accepted so that the main job can pass it to every stage; the paper has no
+  # contrastive pretraining, and its MMBT starts from a pretrained CLIP instead.
+  variant, _ = common.parse_arg(arg, (common.PAPER,))
   config = common.base_config("clip_pretrain", variant)
   config.data.max_length = 16 if variant == "toyshop" else 20
   config.data.tokenizer = ml_collections.config_dict.placeholder(str)  # None: the text tower's.

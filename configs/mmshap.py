@@ -17,7 +17,7 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  variant, _ = common.parse_arg(arg)
+  variant, options = common.parse_arg(arg, (common.PAPER,))
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.stage = "mmshap"
@@ -53,4 +53,8 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   # whose coalitions are packed into the same calls.
   config.chunk_size = 512 if variant == "toyshop" else 1024
   config.examples_per_group = 16
+  if common.PAPER in options:
+    # 120-token titles: at most 12 word players (the rest merged into the last) + 4 image players,
+    # exact (2**16 coalitions per example).
+    config.max_text_players = 12
   return config

@@ -7,6 +7,8 @@ Variants (`--config=configs/text.py:VARIANT`):
             vocabulary. One epoch at batch 32: 25 minutes on a 2-core CPU.
   fashion_sub  the same catalogue, sub_category restricted to classes of >= 100 items.
   taimd17k  a TAIMD-17k style product folder (images/ + products.csv of id,text,label[,split]).
+Option `,paper` (e.g. `:taimd17k,paper`): BERT-base fine-tuned from `bert-base-uncased` (or
+`--config.init_from=DIR`) with its own tokenizer, titles of 120 tokens.
 """
 
 import ml_collections
@@ -15,7 +17,7 @@ from configs import common
 
 
 def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
-  variant, _ = common.parse_arg(arg)
+  variant, options = common.parse_arg(arg, (common.PAPER,))
   config = common.base_config("text", variant)
   config.data.max_length = {"toyshop": 16, "taimd17k": 32}.get(variant, 24)  # 99% of fashion titles: 18.
   config.data.vocab_size = 1000 if variant == "toyshop" else 8000
@@ -43,4 +45,11 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
     config.num_epochs = 1 if variant == "fashion" else 2
   if variant == "toyshop":
     config.eval_every_epochs = config.checkpoint_every_epochs = 4
+  if common.PAPER in options:
+    config.init_from = common.PAPER_TEXT_CHECKPOINT
+    config.data.max_length = 120
+    # Fine-tuning BERT-base: the usual recipe (the paper's Table I values for it are not given here).
+    config.optimizer.update(learning_rate=2e-5, warmup_fraction=0.1, weight_decay=0.01)
+    config.batch_size = 32
+    config.num_epochs = 3
   return config

@@ -142,6 +142,30 @@ MMBT = ClassifierStage(
 CLASSIFIERS = {stage.name: stage for stage in (TEXT, IMAGE, MMBT)}
 
 
+def effective_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config as the model is built: where a checkpoint decides the architecture, its sizes
+  replace the config's model fields (which the checkpoint would override), so that config.json
+  and the fingerprint record the model actually trained."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.stage in (TEXT.name, IMAGE.name) and config.get("init_from"):
+    config.model = models.architecture(config.init_from)
+  elif config.stage == MMBT.name:
+    if config.get("init_from_text"):
+      config.model.bert = models.architecture(
+          config.init_from_text, num_hidden_layers=config.get("init_from_text_layers") or None)
+    if config.get("init_from_image") and config.model.image_tower == "clip":
+      config.model.clip = models.architecture(config.init_from_image,
+                                              image_size=config.data.image_size)
+  return config
+
+
+def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
+  """Where a stage's tokenizer comes from: the one named, else its text checkpoint's; None: train
+  one on the titles (only for a text tower trained from scratch)."""
+  return config.data.get("tokenizer") or config.get("init_from_text") or (
+      config.get("init_from") if config.stage == TEXT.name else None)
+
+
 def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """The MMBT's model settings (the text and image learners have none that can clash)."""
   problems: list[str] = []
@@ -203,7 +227,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, directory: str,
   max_length = config.data.max_length
   if os.path.isfile(saved):
     return TitleTokenizer.from_folder(directory, max_length=max_length)
-  folder = config.data.get("tokenizer") or config.get("init_from")
+  folder = tokenizer_source(config)
   if folder:
     tokenizer = TitleTokenizer.from_folder(folder, max_length=max_length)
   else:
@@ -323,9 +347,23 @@ def load_trained(root: str, stage: ClassifierStage) -> TrainedStage:
 # The stage.
 
 
+def check_vocabulary(config: ml_collections.ConfigDict, tokenizer: TitleTokenizer) -> None:
+  """A pretrained text tower must be fed ids of its own vocabulary (before any work)."""
+  model = config.model if config.stage == TEXT.name else config.model.get("bert")
+  if not (config.get("init_from") or config.get("init_from_text")) or model is None:
+    return
+  if tokenizer.vocab_size > model.vocab_size:
+    raise ValueError(
+        f"the {config.stage} stage's tokenizer has {tokenizer.vocab_size} ids but its pretrained "
+        f"text tower's embedding table has {model.vocab_size} rows: use the checkpoint's own "
+        "tokenizer (leave data.tokenizer empty) or one made for that checkpoint.")
+
+
 def fingerprint(config: ml_collections.ConfigDict, root: str,
                 builder: tfds.core.DatasetBuilder | None = None) -> dict[str, Any]:
   """What a classifier (or clip_pretrain) stage is built from: see `workdir.fingerprint`."""
+  if config.stage in CLASSIFIERS:
+    config = effective_config(config)
   builder = builder or builders.builder_for(config.data)
   reads = {stage: workdir.run_of(root, stage)
            for stage in workdir.stages_referenced(config, root)}
@@ -336,6 +374,7 @@ def fingerprint(config: ml_collections.ConfigDict, root: str,
 def run(config: ml_collections.ConfigDict, root: str,
         stage: ClassifierStage) -> dict[str, dict[str, float]]:
   """Trains (or with config.mode='eval' only restores) a classifier stage and writes its outputs."""
+  config = effective_config(config)
   directory = workdir.stage_dir(root, stage.name)
   os.makedirs(directory, exist_ok=True)
   mesh = parallel.make_mesh()
@@ -350,6 +389,8 @@ def run(config: ml_collections.ConfigDict, root: str,
   num_classes = len(class_names)
   tokenizer = (load_or_train_tokenizer(config, directory, sources["train"])
                if stage.uses_text else None)
+  if tokenizer is not None:
+    check_vocabulary(config, tokenizer)
   preprocess = make_preprocessor(config, stage, tokenizer)
 
   if workdir.is_writer():

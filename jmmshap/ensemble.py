@@ -114,7 +114,12 @@ def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
                                                                num_classes)
                         for method in methods}}
   best = max(methods, key=lambda method: scores["methods"][method]["f1_macro"])
-  report.write(directory, scores, predictions, best, shares, outputs, training)
+  learners = {}
+  for learner in learner_outputs.LEARNERS:
+    saved = workdir.path(root, learner, workdir.CONFIG)
+    learners[learner] = report.describe_learner(
+        workdir.read_json(saved) if os.path.isfile(saved) else None)
+  report.write(directory, scores, predictions, best, shares, outputs, training, learners)
   for method in methods:
     logging.info("meta test %s: %s", method, json.dumps(scores["methods"][method]))
   return scores

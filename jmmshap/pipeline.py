@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -180,9 +181,59 @@ def run_upstream(config: ml_collections.ConfigDict, root: str) -> list[str]:
   return ran
 
 
-def run(config: ml_collections.ConfigDict, root: str) -> Any:
+# Where the data lives may change between training and evaluation (its identity may not: the
+# fingerprints check it).
+_LOCATIONS = ("data.data_dir", "data.manual_dir")
+
+
+def _json(value: Any) -> Any:
+  return json.loads(json.dumps(value))
+
+
+def saved_run_config(config: ml_collections.ConfigDict, root: str,
+                     explicit: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The config a workdir's stage was trained with, for `--config.mode=eval`: the command line
+  names the stage and the workdir, and may move the data; any other flag it sets (`explicit`:
+  dotted key -> value) must agree with the saved run."""
+  stage = REGISTRY[config.stage]
+  directory = (ensemble.output_dir(root, config) if stage.name == MAIN_JOB
+               else workdir.stage_dir(root, stage.name))
+  saved_path = os.path.join(directory, workdir.CONFIG)
+  if not os.path.isfile(saved_path):
+    raise FileNotFoundError(f"{saved_path} not found: nothing was trained into {directory} to "
+                            "evaluate; train it first (the same command without --config.mode=eval).")
+  saved = ml_collections.ConfigDict(workdir.read_json(saved_path))
+  flat = workdir.flatten(saved.to_dict())
+  contradictions = [
+      f"--config.{key}={value!r} (the run saved in {saved_path} has {flat[key]!r})"
+      for key, value in sorted(explicit.items())
+      if key != "mode" and not key.endswith(_LOCATIONS) and key in flat
+      and _json(value) != _json(flat[key])]
+  if contradictions:
+    raise ValueError(
+        f"--config.mode=eval evaluates the run saved in {directory} with its own settings, but "
+        f"{'; '.join(contradictions)}: drop those flags, or train with them in another --workdir.")
+  saved.mode = "eval"
+  for key, value in explicit.items():
+    if key.endswith(_LOCATIONS):
+      *parents, name = key.split(".")
+      node = saved
+      for parent in parents:
+        node = node[parent]
+      node[name] = value
+  return saved
+
+
+def run(config: ml_collections.ConfigDict, root: str,
+        explicit: Mapping[str, Any] | None = None) -> Any:
   """Checks the config (every problem at once, before any work), then runs its stage; the main job
-  first runs the upstream stages it needs."""
+  first runs the upstream stages it needs.
+
+  With `explicit` (the flags given on the command line, dotted key -> value), eval mode takes the
+  settings of the run saved in the workdir (`saved_run_config`) instead of the config file's.
+  """
+  if explicit is not None and config.get("mode") == "eval":
+    config = saved_run_config(config, root, explicit)
   validate(config)
   stage = REGISTRY[config.stage]
   directory = (ensemble.output_dir(root, config) if stage.name == MAIN_JOB

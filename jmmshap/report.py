@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -27,10 +28,34 @@ def _class_t_shap(shares: Shares, labels: np.ndarray, label: int) -> str:
   return f"{mean} | {int(members.sum())}"
 
 
+def describe_learner(config: Mapping[str, Any] | None) -> str:
+  """One line on what a base learner is and which checkpoints it started from (its config.json)."""
+  if config is None:
+    return "(no config.json)"
+
+  def tower(model: Mapping[str, Any], checkpoint: str | None) -> str:
+    if model.get("model_type") == "resnet" or "depth" in model:
+      size = f"ResNet-{model.get('depth')}"
+    else:
+      size = (f"{model.get('model_type', 'BERT' if 'vocab_size' in model else 'tower')} "
+              f"{model.get('hidden_size')} wide, {model.get('num_hidden_layers')} layers")
+    return f"{size}, {'from ' + checkpoint if checkpoint else 'trained from scratch'}"
+
+  model = config.get("model", {})
+  if config.get("stage") == "mmbt":
+    return (f"CLIP-MMBT, {model.get('num_image_embeddings')} image embeddings, "
+            f"{config.get('data', {}).get('image_size')} px; text: "
+            f"{tower(model.get('bert', {}), config.get('init_from_text'))}; vision: "
+            f"{tower(model.get('clip', {}), config.get('init_from_image'))}")
+  return tower(model, config.get("init_from"))
+
+
 def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
                   shares: Mapping[str, Shares] | None, outputs: Mapping[str, SplitOutputs],
-                  training: Mapping[str, dict], best: str) -> str:
-  """report.md: Table II, the MM-SHAP summary, per-class F1 and how each meta-model was trained."""
+                  training: Mapping[str, dict], best: str,
+                  learners: Mapping[str, str] | None = None) -> str:
+  """report.md: Table II, the base learners, the MM-SHAP summary, per-class F1 and how each
+  meta-model was trained."""
   class_names = outputs["test"].class_names
   lines = ["# MM-SHAP-weighted stacked ensemble: test results", "",
            f"{len(outputs['test'].ids)} test examples, {len(class_names)} classes; meta-models "
@@ -45,6 +70,10 @@ def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
             "text, image, mmbt: each base learner alone; average: mean of their softmax outputs; "
             "stacked: meta-MLP on the plain logits; mmshap_dataset / mmshap_sample: meta-MLP on "
             "MM-SHAP-weighted logits (dataset means / each example's own shares).", ""]
+  if learners:
+    lines += ["## Base learners", ""]
+    lines += [f"- {name}: {description}" for name, description in learners.items()]
+    lines.append("")
   lines += ["## MM-SHAP of the multimodal learner", ""]
   if shares is None:
     lines += ["No MM-SHAP outputs in this workdir.", ""]
@@ -87,7 +116,7 @@ def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
 
 def write(directory: str, report: dict, predictions: Mapping[str, np.ndarray], best: str,
           shares: Mapping[str, Shares] | None, outputs: Mapping[str, SplitOutputs],
-          training: Mapping[str, dict]) -> None:
+          training: Mapping[str, dict], learners: Mapping[str, str] | None = None) -> None:
   """Every report file of the meta stage (process 0 only)."""
   if not workdir.is_writer():
     return
@@ -105,4 +134,5 @@ def write(directory: str, report: dict, predictions: Mapping[str, np.ndarray], b
   plots.per_class_f1({m: per_class_f1[m] for m in dict.fromkeys(shown)}, class_names,
                      os.path.join(directory, "per_class_f1.png"), "per-class F1 (test)")
   workdir.write_text(os.path.join(directory, workdir.REPORT),
-                     render_report(report, per_class_f1, shares, outputs, training, best))
+                     render_report(report, per_class_f1, shares, outputs, training, best,
+                                   learners))

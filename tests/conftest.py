@@ -75,20 +75,21 @@ class Tiny:
     return with_overrides(config, Tiny.overrides(stage, data_dir, overrides))
 
   @staticmethod
-  def pipeline_overrides(data_dir: str,
-                         extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  def pipeline_overrides(data_dir: str, extra: Mapping[str, Any] | None = None,
+                         arg: str = "toyshop") -> dict[str, Any]:
     """The dotted overrides of the tiny main job; the data config is given once, at the top."""
-    stages = importlib.import_module("configs.meta").get_config("toyshop").stages
+    stages = importlib.import_module("configs.meta").get_config(arg).stages
     return {"data.data_dir": data_dir, **_under("data.", TINY_DATA), **TINY_META,
             **{key: value for name in stages for key, value in _under(f"stages.{name}.",
                                                                        TINY[name]).items()},
             **(extra or {})}
 
   @staticmethod
-  def pipeline(data_dir: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-    """The main job with every stage tiny."""
-    config = importlib.import_module("configs.meta").get_config("toyshop")
-    return with_overrides(config, Tiny.pipeline_overrides(data_dir, overrides))
+  def pipeline(data_dir: str, overrides: Mapping[str, Any] | None = None,
+               arg: str = "toyshop") -> ml_collections.ConfigDict:
+    """The main job with every stage tiny (`arg`: configs/meta.py's variant and options)."""
+    config = importlib.import_module("configs.meta").get_config(arg)
+    return with_overrides(config, Tiny.pipeline_overrides(data_dir, overrides, arg))
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,8 @@ def test_unknown_variant_and_option_are_refused():
     text.get_config("imagenet")
   with pytest.raises(ValueError, match=r"unknown option\(s\) \['huge'\]"):
     mmbt.get_config("toyshop,huge")
-  with pytest.raises(ValueError, match=r"unknown option\(s\) \['paper'\] .*takes none"):
-    text.get_config("toyshop,paper")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['huge'\] .*use paper"):
+    text.get_config("toyshop,huge")
 
 
 def test_mmbt_paper_setting_has_the_papers_sizes():
@@ -41,6 +41,8 @@ def test_mmbt_paper_setting_has_the_papers_sizes():
 @pytest.mark.parametrize("variant",
                          ["toyshop", "fashion", "fashion_sub", "taimd17k", "taimd17k,paper"])
 def test_meta_config_loads_in_every_variant_with_one_shared_data_config(variant):
+  """The data location is given once; image sizes and checkpoints are per stage (the latter set
+  through the three top-level checkpoint fields)."""
   config = meta.get_config(variant)
   pretrains = variant.startswith("fashion")  # Their MMBT starts from the clip_pretrain stage's tower.
   assert config.stage == "meta" and set(config.stages.keys()) == (
@@ -48,9 +50,28 @@ def test_meta_config_loads_in_every_variant_with_one_shared_data_config(variant)
   config.data.data_dir = "/elsewhere"
   for name in config.stages:
     assert config.stages[name].data.data_dir == "/elsewhere"
-  assert config.stages.mmbt.data.image_size == config.data.image_size
+  assert "image_size" not in config.data
   if variant.endswith("paper"):
     assert (config.meta.optimizer.name, config.meta.optimizer.learning_rate,
             config.meta.num_steps, config.meta.hidden_size) == ("sgd", 1e-4, 50_000, 512)
   with pytest.raises(ValueError, match="unknown option"):
     meta.get_config("toyshop,huge")
+
+
+def test_the_paper_preset_sets_every_stage_from_three_checkpoints():
+  config = meta.get_config("taimd17k,paper")
+  stages = config.stages
+  assert (stages.text.init_from, stages.mmbt.init_from_text) == (common.PAPER_TEXT_CHECKPOINT,) * 2
+  assert stages.image.init_from == common.PAPER_IMAGE_CHECKPOINT
+  assert stages.mmbt.init_from_image == common.PAPER_CLIP_CHECKPOINT
+  assert (stages.text.data.max_length, stages.mmbt.data.max_length) == (120, 120)
+  assert (stages.image.data.image_size, stages.mmbt.data.image_size) == (224, 288)
+  assert stages.mmbt.model.num_image_embeddings == 4 and stages.image.model.depth == 152
+  assert (config.meta.optimizer.name, config.meta.num_steps) == ("sgd", 50_000)
+  # One flag per checkpoint reaches every stage that starts from it, and only those.
+  config.text_checkpoint = "/models/bert-base"
+  config.clip_checkpoint = "/models/clip"
+  assert stages.text.init_from == stages.mmbt.init_from_text == "/models/bert-base"
+  assert stages.mmbt.init_from_image == "/models/clip"
+  assert stages.image.init_from == common.PAPER_IMAGE_CHECKPOINT
+  assert meta.get_config("toyshop,meta_paper").stages.text.init_from is None

