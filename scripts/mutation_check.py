@@ -5,7 +5,7 @@
   python scripts/mutation_check.py --list                # names, files and target tests only
 
 (from the repository root, with the test extra installed: `pip install -e '.[test]'`). Not part of
-the default suite: it runs about 35 test-file sessions, roughly 15-25 minutes on 2 cores.
+the default suite: it runs about 37 test-file sessions, roughly 15-25 minutes on 2 cores.
 
 Each mutant is one exact text replacement in one package file (it must occur exactly once, or the
 mutant is reported as stale). It is applied to a fresh temporary copy of the repository (package,
@@ -213,6 +213,16 @@ MUTANTS = (
            "for start in range(0, num_examples, global_batch_size):",
            "for start in range(0, num_examples - global_batch_size + 1, global_batch_size):",
            "Evaluation skips the examples of a last, partial batch.", INPUT),
+    Mutant("toyshop_splits_share_their_draws", "jmmshap/toyshop.py",
+           "rng = np.random.default_rng([spec.seed, _SPLIT_CODES[split], class_index, index])",
+           "rng = np.random.default_rng([spec.seed, class_index, index])",
+           "Toyshop's validation and test products are copies of the first training products.",
+           ("tests/test_toyshop.py",)),
+    Mutant("stratified_split_fractions_swapped", "jmmshap/builders.py",
+           'num_validation = int(len(group) * _SPLIT_FRACTIONS["validation"])',
+           'num_validation = int(len(group) * _SPLIT_FRACTIONS["test"])',
+           "A product folder without a split column gets 20% validation instead of 10%.",
+           ("tests/test_builders.py",)),
     Mutant("eval_padding_counted_as_examples", "jmmshap/input_pipeline.py",
            'batch["mask"] = real.astype(np.float32)',
            'batch["mask"] = np.ones_like(real, np.float32)',

@@ -1,5 +1,6 @@
 """The meta stage on a synthetic workdir: train, report, restore, resume, and refusals of
-checkpoints that do not fit."""
+checkpoints that do not fit; stacking beats learners that are each right on some classes only, and
+cross-fit members are averaged on test and scored out of fold on validation."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """The training loop: one train -> stop -> resume -> eval cycle of the text stage on toyshop, on 2 fake
-CPU devices; the optimizer."""
+CPU devices; the optimizer and its learning-rate schedules at their boundary steps."""
 
 import json
 import math
