@@ -25,8 +25,9 @@ def write_shares(root, split, ids, t_shap, class_names=CLASS_NAMES):
            v_shap=1 - t_shap, class_names=np.asarray(class_names))
 
 
-def fake_workdir(root, *, per_class=(6, 5), seed=0):
-  """Base learners each right on their own classes: text on 0-1, image on 2-3, mmbt on most."""
+def fake_workdir(root, *, per_class=(6, 5), seed=0, mmbt_classes=(0, 1, 2, 3)):
+  """Base learners each right on their own classes: text on 0-1, image on 2-3, mmbt on
+  `mmbt_classes` (all four by default, where it is right on most examples); noise elsewhere."""
   rng = np.random.default_rng(seed)
   num_classes = len(CLASS_NAMES)
   for split, count in zip(EVAL_SPLITS, per_class, strict=True):
@@ -35,7 +36,7 @@ def fake_workdir(root, *, per_class=(6, 5), seed=0):
     onehot = np.eye(num_classes)[labels]
     text = 4 * onehot * (labels < 2)[:, None] + rng.normal(size=onehot.shape)
     image = 4 * onehot * (labels >= 2)[:, None] + rng.normal(size=onehot.shape)
-    mmbt = 2 * onehot + rng.normal(size=onehot.shape)
+    mmbt = 2 * onehot * np.isin(labels, mmbt_classes)[:, None] + rng.normal(size=onehot.shape)
     for learner, logits in (("text", text), ("image", image), ("mmbt", mmbt)):
       write_logits(root, learner, split, logits, labels, ids)
     write_shares(root, split, ids, np.where(labels < 2, 0.8, 0.3))

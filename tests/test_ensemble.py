@@ -1,5 +1,6 @@
 """The meta stage on a synthetic workdir: train, report, restore, resume, and refusals of
-checkpoints that do not fit."""
+checkpoints that do not fit; stacking beats learners that are each right on some classes only, and
+cross-fit members are averaged on test and scored out of fold on validation."""
 
 import json
 import os
@@ -118,3 +119,65 @@ def test_eval_mode_with_other_training_settings_names_the_setting(trained):
   with pytest.raises(ValueError, match=r"stacked/checkpoints was trained on other meta-features or "
                                        r"settings .*settings.num_steps: 40 -> 60"):
     ensemble.evaluate_methods(workdir, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the meta-models are worth, and how their members are combined.
+
+
+@pytest.fixture(scope="module")
+def complementary(tmp_path_factory):
+  """Each base learner right on two of the four classes only (text 0-1, image 2-3, mmbt 1-2)."""
+  workdir = fakes.fake_workdir(str(tmp_path_factory.mktemp("complementary")), per_class=(20, 20),
+                               mmbt_classes=(1, 2))
+  config = fakes.meta_config()
+  config.meta.optimizer.learning_rate = 1e-2
+  return ensemble.evaluate_methods(workdir, config)
+
+
+def test_stacking_and_mmshap_weighting_beat_every_base_learner_when_each_is_right_on_some_classes(
+    complementary):
+  """Only a meta-model that learned which learner to trust for which class can be right on all."""
+  scores = complementary["methods"]
+  best_base = max(scores[learner]["f1_macro"] for learner in learner_outputs.LEARNERS)
+  assert best_base < 0.7, scores
+  for method in ("stacked", "mmshap_dataset", "mmshap_sample"):
+    assert scores[method]["f1_macro"] > best_base + 0.25, (method, scores)
+
+
+def _designed_members(labels, right):
+  """(members, N, 4) probabilities: 0.6 on the true class where `right`, else 0.6 on a wrong one."""
+  wrong = (labels + 1) % 4
+  probabilities = np.full(right.shape + (4,), 0.1)
+  rows = np.arange(len(labels))
+  probabilities[:, rows, labels] = np.where(right, 0.6, 0.2)
+  probabilities[:, rows, wrong] = np.where(right, 0.2, 0.6)
+  return probabilities
+
+
+def test_cross_fit_reports_the_member_mean_on_test_and_out_of_fold_members_on_validation(
+    tmp_path, monkeypatch):
+  """Members with designed outputs stand in for trained ones: on test each member is wrong on its
+  own third of the examples, so only the mean of all three is right everywhere; on validation only
+  the member that held an example out is right on it."""
+  workdir = fakes.fake_workdir(str(tmp_path))
+  config = _cross_fit_config("eval")
+  config.meta.weighting = "none"
+  validation, test = (learner_outputs.load_base_outputs(workdir, split) for split in EVAL_SPLITS)
+  _, holdout = meta.member_masks(validation.labels, config.meta, config.seed)
+  members = len(holdout)
+  test_right = np.arange(len(test.labels))[None] % members != np.arange(members)[:, None]
+  outputs = {len(validation.labels): _designed_members(validation.labels, holdout),
+             len(test.labels): _designed_members(test.labels, test_right)}
+  assert len(outputs) == 2  # The two splits are told apart by their sizes.
+  monkeypatch.setattr(meta, "restore", lambda *args, **kwargs: (
+      lambda features: outputs[len(features)], {"step": 40, "kept_step": [40] * members}))
+
+  report = ensemble.evaluate_methods(workdir, config)
+  assert report["methods"]["stacked"]["f1_macro"] == 1.0
+  for member in outputs[len(test.labels)]:  # No single member would do.
+    assert metrics.classification_metrics(test.labels, member.argmax(-1), 4)["f1_macro"] < 0.9
+  with open(os.path.join(workdir, "meta", "training.json")) as f:
+    held_out = json.load(f)["stacked"]["held_out_validation"]
+  assert held_out["examples"] == len(validation.labels)
+  assert held_out["accuracy"] == 1.0

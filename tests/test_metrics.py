@@ -44,3 +44,16 @@ def test_confusion_matrix_counts_true_by_predicted():
 def test_mismatched_shapes_are_refused():
   with pytest.raises(ValueError, match="equal 1-D shapes"):
     metrics.classification_metrics(np.zeros(3, int), np.zeros(4, int), 2)
+
+
+def test_macro_averages_skip_classes_that_are_neither_labelled_nor_predicted():
+  """A split may lack some of the dataset's classes: they must not count as F1 0 in the macro mean
+  (scikit-learn's default). Classes 3 and 4 of 5 never occur here."""
+  labels, predictions = np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2])
+  scores = metrics.classification_metrics(labels, predictions, 5)
+  assert scores["f1_macro"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)  # By hand: per-class F1.
+  assert scores["precision_macro"] == pytest.approx((1 + 1 + 1 / 2) / 3)
+  assert scores["recall_macro"] == pytest.approx((1 + 1 / 2 + 1) / 3)
+  theirs = _sklearn(labels, predictions)
+  for name in metrics.METRIC_NAMES:
+    assert scores[name] == pytest.approx(theirs[name], abs=1e-12), name

@@ -81,18 +81,28 @@ def _direct_logits(graphdef, state, batch, text_keep, image_keep):
                batch["pixel_values"], text_keep=text_keep, image_keep=image_keep)["logits"]
 
 
-def unpadded_table(model: mmbt.MMBT, batch: dict, row: int) -> np.ndarray:
-  """Logits (2**p, C) of the game over exactly this example's p players, one direct call per mask."""
-  player_of_token, num_text = mmshap.text_players(batch["word_ids"][row:row + 1])
-  players = int(num_text[0]) + NUM_IMAGES
+def unpadded_table(model: mmbt.MMBT, batch: dict, row: int,
+                   tokens_per_player: int | None = None) -> np.ndarray:
+  """Logits (2**p, C) of the game over exactly this example's p players, one direct call per mask.
+
+  Text players are words, or with `tokens_per_player` runs of that many real tokens (counted here).
+  """
+  if tokens_per_player is None:
+    player_of_token, num_text = mmshap.text_players(batch["word_ids"][row:row + 1])
+    tokens, num_text = player_of_token[0], int(num_text[0])
+  else:
+    real = np.flatnonzero(batch["word_ids"][row] >= 0)
+    tokens = np.full(LENGTH, -1)
+    tokens[real] = np.arange(len(real)) // tokens_per_player
+    num_text = -(-len(real) // tokens_per_player)
+  players = num_text + NUM_IMAGES
   masks = shapley.coalition_masks(players)
   rows = 64  # Every game here has at most 6 players: one compiled shape for all of them.
   assert len(masks) <= rows
-  tokens = player_of_token[0]
   text_keep = np.ones((rows, LENGTH), bool)
   text_keep[:len(masks)] = (tokens < 0) | masks[:, np.maximum(tokens, 0)]
   image_keep = np.ones((rows, NUM_IMAGES), bool)
-  image_keep[:len(masks)] = masks[:, num_text[0]:]
+  image_keep[:len(masks)] = masks[:, num_text:]
   repeated = {k: np.repeat(batch[k][row:row + 1], rows, axis=0)
               for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
   graphdef, state = nnx.split(model)
@@ -295,6 +305,58 @@ def test_kernel_sampling_above_max_exact_players_agrees_with_exact(model):
   np.testing.assert_allclose(sampled.t_shap, exact.t_shap, atol=0.05)
   np.testing.assert_allclose(np.nansum(sampled.phi, 1), sampled.value_full - sampled.value_empty,
                              rtol=1e-4, atol=1e-5)
+
+
+def _assert_exact_phi_of_predicted_class(result, tables):
+  for row, table in enumerate(tables):
+    players = len(table).bit_length() - 1
+    prediction = int(table[-1].argmax())
+    expected = shapley.shapley_from_values(table[:, prediction])
+    np.testing.assert_allclose(result.phi[row, :players], expected, rtol=1e-4, atol=1e-5)
+    assert np.isnan(result.phi[row, players:]).all()
+
+
+def test_permutation_method_samples_every_example_within_its_budget_and_agrees_with_exact(model):
+  """method='permutation' samples even games small enough to be exact: 6 players and budget 4000
+  buy 798 orders (399 antithetic pairs) of 5 evaluations each, plus the empty and full ones."""
+  batch = make_batch([[1, 1, 1, 1], [1, 2, 1, 1]], seed=3)  # 6 players each.
+  exact = mmshap.Explainer(model, OPTIONS).explain(batch)
+  options = dataclasses.replace(OPTIONS, method="permutation", budget=4000)
+  sampled = mmshap.Explainer(model, options).explain(batch)
+  assert not sampled.exact.any()
+  np.testing.assert_array_equal(sampled.num_evaluations, [2 + 798 * 5] * 2)
+  np.testing.assert_array_equal(sampled.targets, exact.targets)
+  scale = np.nanmax(np.abs(exact.phi), axis=1, keepdims=True)
+  np.testing.assert_allclose(sampled.phi / scale, exact.phi / scale, atol=0.05)
+  np.testing.assert_allclose(np.nansum(sampled.phi, 1), sampled.value_full - sampled.value_empty,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_token_players_are_runs_of_tokens_per_player_across_word_boundaries(model):
+  """text_players='tokens', 2 per player: 3 words of 1, 2 and 2 tokens are 3 players (tokens 1-2,
+  3-4, 5), not 3 word players; phi is that game's."""
+  batch = make_batch([[1, 2, 2], [3, 1]], seed=4)
+  options = dataclasses.replace(OPTIONS, text_players="tokens", tokens_per_player=2)
+  result = mmshap.Explainer(model, options).explain(batch)
+  np.testing.assert_array_equal(result.player_modality[:, :5], [[0, 0, 0, 1, 1], [0, 0, 1, 1, -1]])
+  _assert_exact_phi_of_predicted_class(
+      result, [unpadded_table(model, batch, row, tokens_per_player=2) for row in range(2)])
+
+
+def test_attention_masking_removes_masked_words_and_image_embeddings_from_view():
+  """with_masking('attention', 'attention') explains the game of a model whose masked players are
+  left out of attention (its reference built here from the config, not by with_masking), which is
+  another game than the default [MASK] / zero masking."""
+  attending = mmshap.with_masking(tiny_mmbt(), "attention", "attention")
+  reference = tiny_mmbt()
+  reference.config = dataclasses.replace(reference.config, text_masking="attention",
+                                         image_masking="attention")
+  batch = make_batch([[1, 2], [1, 1, 2]], seed=5)
+  result = mmshap.Explainer(attending, OPTIONS).explain(batch)
+  tables = [unpadded_table(reference, batch, row) for row in range(2)]
+  _assert_exact_phi_of_predicted_class(result, tables)
+  default = [unpadded_table(tiny_mmbt(), batch, row) for row in range(2)]
+  assert not np.allclose(tables[0][:-1], default[0][:-1], atol=1e-3)  # Masking matters here.
 
 
 def test_exact_above_the_hard_cap_raises_the_engine_error(model):

@@ -1,5 +1,6 @@
 """The mmshap stage: its data and config come from the trained MMBT; on a tiny toyshop MMBT it writes
-every example's shares, and title-decided classes get higher T-SHAP than image-decided ones."""
+every example's shares, title-decided classes get higher T-SHAP than image-decided ones, and
+target='label' explains the labelled class."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import pytest
 
 from configs import mmbt as mmbt_config
 from configs import mmshap as mmshap_config
-from jmmshap import mmshap_stage, pipeline
+from jmmshap import builders, classifier, mmshap, mmshap_stage, pipeline
 
 
 def test_data_config_is_the_mmbts_with_only_its_location_overridden():
@@ -96,3 +97,36 @@ def test_title_decided_classes_get_higher_t_shap_than_image_decided_ones(stage):
       if entry["designed_text_share"] in by_share and entry["t_shap_mean"] is not None:
         by_share[entry["designed_text_share"]] += [entry["t_shap_mean"]] * entry["count"]
   assert np.mean(by_share[1.0]) > np.mean(by_share[0.0]) + 0.15, by_share
+
+
+class _ShiftedLabels:
+  """A split whose every label is moved to the next class: the trained MMBT predicts the true
+  class, so explaining the (shifted) label differs from explaining the prediction."""
+
+  def __init__(self, source, num_classes):
+    self.source, self.num_classes = source, num_classes
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = dict(self.source[index])
+    record["label"] = (int(record["label"]) + 1) % self.num_classes
+    return record
+
+
+def test_target_label_explains_each_examples_label_instead_of_the_prediction(stage):
+  workdir, _ = stage
+  trained = classifier.load_trained(workdir, classifier.MMBT)
+  config = mmshap_config.get_config("toyshop")
+  config.update(max_examples=8, chunk_size=256, examples_per_group=8, target="label")
+  explainer = mmshap.Explainer(trained.model, mmshap_stage.options_from_config(config),
+                               tokenizer=trained.tokenizer)
+  builder = builders.prepare_in_process_order(mmshap_stage.data_config(config, trained.config))
+  source = _ShiftedLabels(builder.as_data_source("validation"), len(trained.class_names))
+  arrays, _ = mmshap_stage.explain_split(explainer, source, trained.preprocess, config=config,
+                                         class_names=trained.class_names, split="validation")
+  np.testing.assert_array_equal(arrays["targets"], arrays["labels"])
+  assert (arrays["predictions"] != arrays["labels"]).mean() >= 0.75, arrays["predictions"]
+  np.testing.assert_allclose(np.nansum(arrays["phi"], 1), arrays["value_full"] - arrays["value_empty"],
+                             rtol=1e-4, atol=1e-4)

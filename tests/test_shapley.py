@@ -329,6 +329,18 @@ def test_permutation_std_error_covers_the_actual_error(exact_interaction):
   assert np.all(np.abs(result.phi - exact_interaction.phi) < 5 * result.std_error)
 
 
+def test_permutation_std_error_matches_the_error_observed_over_seeds(exact_interaction):
+  """Over 16 seeds the root-mean-square error against the exact values and the root-mean-square
+  reported standard error agree within a factor of 1.4 either way (they agree within 0.9-1.1 in
+  practice): a standard error off by sqrt(pairs) = 13 at this budget, or too small, fails."""
+  results = [SAMPLERS["permutation"](interaction_game, LARGE_BUDGET, seed) for seed in range(16)]
+  phi = np.stack([np.asarray(result.phi) for result in results])
+  std_error = np.stack([np.asarray(result.std_error) for result in results])
+  observed = np.sqrt(np.mean((phi - np.asarray(exact_interaction.phi)) ** 2))
+  reported = np.sqrt(np.mean(std_error ** 2))
+  assert 1 / 1.4 < reported / observed < 1.4, (reported, observed)
+
+
 def test_permutation_counts_an_order_and_its_reverse_as_two():
   # 332 orders (166 pairs) is what LARGE_BUDGET buys, so this reuses that compile.
   by_count = shapley_lib.permutation_shapley(interaction_game, NUM_SAMPLED_PLAYERS,

@@ -1,7 +1,8 @@
 """The training loop: one train -> stop -> resume -> eval cycle of the text stage on toyshop, on 2 fake
-CPU devices; the optimizer."""
+CPU devices; the optimizer and its learning-rate schedules at their boundary steps."""
 
 import json
+import math
 import os
 import shutil
 
@@ -151,3 +152,36 @@ def test_unknown_stage_and_mode_are_refused(tmp_path):
   config.mode = "evaluate"
   with pytest.raises(ValueError, match="use 'train' or 'eval'"):
     pipeline.run(config, str(tmp_path))
+
+
+def _schedule(kind: str, warmup_fraction: float, total_steps: int = 100):
+  config = ml_collections.ConfigDict(dict(learning_rate=2.0, warmup_fraction=warmup_fraction,
+                                          schedule=kind))
+  return lambda step: float(train_lib.learning_rate_schedule(config, total_steps)(step))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_learning_rate_warms_up_linearly_from_zero_to_the_peak_then_decays_to_zero_at_the_end(kind):
+  """Warm-up of 20 of 100 steps: 0 at step 0, half the peak at 10, the peak at 20; the decay spans
+  the remaining 80 steps and ends at 0 on the last step."""
+  rate = _schedule(kind, 0.2)
+  assert rate(0) == 0.0
+  assert rate(10) == pytest.approx(1.0)
+  assert rate(20) == pytest.approx(2.0)
+  quarter = {"cosine": (1 + math.cos(math.pi / 4)) / 2, "linear": 0.75}[kind]  # 20 of 80 steps.
+  assert rate(40) == pytest.approx(2.0 * quarter, rel=1e-5)
+  assert rate(60) == pytest.approx(1.0, rel=1e-5)
+  assert rate(100) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_learning_rate_without_warm_up_starts_at_the_peak_and_decays_over_every_step(kind):
+  rate = _schedule(kind, 0.0)
+  assert rate(0) == pytest.approx(2.0)
+  assert rate(50) == pytest.approx(1.0, rel=1e-5)
+  assert rate(100) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_constant_learning_rate_is_the_peak_after_its_warm_up():
+  rate = _schedule("constant", 0.1)
+  assert [rate(step) for step in (0, 5, 10, 50, 100)] == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])

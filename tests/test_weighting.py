@@ -21,14 +21,22 @@ def test_weighted_features_scale_text_by_t_shap_image_by_v_shap_and_mmbt_by_its_
                                                        logits["mmbt"]], axis=1))
 
 
+def _validation_t_mean(outputs):
+  """fake_workdir's validation T-SHAP: 0.8 on classes 0-1, 0.3 on 2-3, averaged independently."""
+  return np.where(outputs["validation"].labels < 2, 0.8, 0.3).mean()
+
+
 def test_dataset_weighting_uses_validation_mean_shares_on_every_split(tmp_path):
+  """Test shares with another mean must not leak in: the dataset shares are validation's."""
   workdir = fakes.fake_workdir(str(tmp_path))
   outputs = {split: learner_outputs.load_base_outputs(workdir, split) for split in EVAL_SPLITS}
+  fakes.write_shares(workdir, "test", outputs["test"].ids, np.full(len(outputs["test"].ids), 0.95))
   shares = {split: learner_outputs.load_shares(workdir, outputs[split]) for split in EVAL_SPLITS}
   data = weighting.method_data(outputs, shares, "dataset", fakes.meta_config().meta)
-  labels = outputs["validation"].labels
-  t_mean = np.where(labels < 2, 0.8, 0.3).mean()
+  t_mean = _validation_t_mean(outputs)
+  assert abs(t_mean - 0.95) > 0.3
   assert data.shares["dataset_t_shap"] == pytest.approx(t_mean)
+  assert data.shares["dataset_v_shap"] == pytest.approx(1 - t_mean)
   for split in EVAL_SPLITS:
     logits = outputs[split].logits
     np.testing.assert_allclose(data.features[split][:, :4], t_mean * logits["text"], rtol=1e-6)
@@ -37,18 +45,23 @@ def test_dataset_weighting_uses_validation_mean_shares_on_every_split(tmp_path):
     np.testing.assert_array_equal(data.features[split][:, 8:], logits["mmbt"])
 
 
-def test_sample_weighting_uses_each_examples_shares_and_dataset_shares_where_undefined(tmp_path):
+def test_sample_weighting_uses_each_examples_shares_and_the_validation_mean_where_undefined(tmp_path):
+  """Undefined test shares fall back to validation's mean, not to the test split's own."""
   workdir = fakes.fake_workdir(str(tmp_path))
   outputs = {split: learner_outputs.load_base_outputs(workdir, split) for split in EVAL_SPLITS}
-  t_shap = np.linspace(0.1, 0.9, len(outputs["test"].ids))
+  t_shap = np.linspace(0.6, 0.95, len(outputs["test"].ids))
   t_shap[3] = np.nan  # Every Shapley value 0: T-SHAP is 0/0.
   fakes.write_shares(workdir, "test", outputs["test"].ids, t_shap)
   shares = {split: learner_outputs.load_shares(workdir, outputs[split]) for split in EVAL_SPLITS}
   data = weighting.method_data(outputs, shares, "sample", fakes.meta_config(append_shares=True).meta)
   features = data.features["test"]
-  expected_t = np.where(np.isnan(t_shap), data.shares["dataset_t_shap"], t_shap)
-  np.testing.assert_allclose(features[:, 0], expected_t * outputs["test"].logits["text"][:, 0],
+  fallback = _validation_t_mean(outputs)
+  assert abs(fallback - np.nanmean(t_shap)) > 0.2  # Test's own mean would be another value.
+  expected_t = np.where(np.isnan(t_shap), fallback, t_shap)
+  np.testing.assert_allclose(features[:, :4], expected_t[:, None] * outputs["test"].logits["text"],
                              rtol=1e-6)
+  np.testing.assert_allclose(features[:, 4:8],
+                             (1 - expected_t[:, None]) * outputs["test"].logits["image"], rtol=1e-6)
   np.testing.assert_allclose(features[:, -2:], np.stack([expected_t, 1 - expected_t], 1), rtol=1e-6)
   assert data.shares["undefined_test"] == 1 and data.shares["undefined_validation"] == 0
 

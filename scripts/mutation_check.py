@@ -1,0 +1,372 @@
+"""Mutation check: plants named, plausible bugs one at a time and runs the tests that should catch each.
+
+  python scripts/mutation_check.py                       # every mutant -> docs/mutation_check.json
+  python scripts/mutation_check.py --only=meta_optimizer_never_updates,restore_returns_last_params
+  python scripts/mutation_check.py --list                # names, files and target tests only
+
+(from the repository root, with the test extra installed: `pip install -e '.[test]'`). Not part of
+the default suite: it runs 37 test-file sessions plus the baseline, about 8 minutes on 2 cores.
+
+Each mutant is one exact text replacement in one package file (it must occur exactly once, or the
+mutant is reported as stale). It is applied to a fresh temporary copy of the repository (package,
+tests, configs, train.py, pyproject.toml), never to these files, and the copy is deleted afterwards.
+In the copy, `python -m pytest -q -x -p no:cacheprovider <its test files>` runs with that copy first
+on PYTHONPATH, under a per-mutant timeout. A mutant is `killed` when pytest reports a failure or
+error, `survived` when its tests pass, `timeout` when they run past the limit (counted as not killed),
+and `stale` when its text is no longer in the file. First, unless --no-baseline, the same test files
+run once unmutated in a copy: a failure there would make every kill meaningless, so the check stops.
+
+The JSON (`--output`) lists, per mutant: name, file, description, tests, status, killed, seconds,
+the first failing test, and pytest's return code; with the score and the total time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPIED = ("jmmshap", "tests", "configs", "train.py", "pyproject.toml")
+PYTEST = ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  file: str  # Relative to the repository root.
+  old: str  # Exact text, found exactly once in `file`.
+  new: str
+  description: str
+  tests: tuple[str, ...]
+
+
+SHAPLEY, MMSHAP = ("tests/test_shapley.py",), ("tests/test_mmshap.py",)
+WEIGHTING, META, ENSEMBLE = ("tests/test_weighting.py",), ("tests/test_meta.py",), ("tests/test_ensemble.py",)
+CLASSIFIER, TRAIN_LIB = ("tests/test_classifier.py",), ("tests/test_train_lib.py",)
+METRICS, INPUT = ("tests/test_metrics.py",), ("tests/test_input_pipeline.py",)
+
+MUTANTS = (
+    # Shapley engine.
+    Mutant("permutation_std_error_13x_too_large", "jmmshap/shapley.py",
+           "std_error = contributions.std(axis=0, ddof=1) / np.sqrt(contributions.shape[0])",
+           "std_error = contributions.std(axis=0, ddof=1)",
+           "Permutation standard error without the 1/sqrt(draws) factor (13x at 166 pairs).",
+           SHAPLEY),
+    Mutant("permutation_std_error_too_small", "jmmshap/shapley.py",
+           "std_error = contributions.std(axis=0, ddof=1) / np.sqrt(contributions.shape[0])",
+           "std_error = contributions.std(axis=0, ddof=1) / contributions.shape[0]",
+           "Permutation standard error divided by the draws instead of their square root.",
+           SHAPLEY),
+    Mutant("shapley_weight_off_by_one", "jmmshap/shapley.py",
+           "1.0 / (num_players * math.comb(num_players - 1, s))",
+           "1.0 / (num_players * math.comb(num_players, s))",
+           "Shapley weight of a coalition size with C(p, s) instead of C(p - 1, s).", SHAPLEY),
+    Mutant("kernel_sizes_drawn_uniformly", "jmmshap/shapley.py",
+           "size_mass = 1.0 / (sizes * (num_players - sizes)).astype(jnp.float32)",
+           "size_mass = jnp.ones(sizes.shape, jnp.float32)",
+           "KernelSHAP draws coalition sizes uniformly instead of by the Shapley kernel.", SHAPLEY),
+    Mutant("permutation_gain_against_empty", "jmmshap/shapley.py",
+           "gains = jnp.diff(chain, axis=1)",
+           "gains = chain[:, 1:] - chain[:, :1]",
+           "A player's permutation gain measured against the empty coalition, not its predecessor.",
+           SHAPLEY),
+    # MM-SHAP.
+    Mutant("t_shap_from_signed_phi", "jmmshap/mmshap.py",
+           "magnitude = np.abs(np.where(modality == NO_PLAYER, 0.0, np.asarray(phi, np.float64)))",
+           "magnitude = np.where(modality == NO_PLAYER, 0.0, np.asarray(phi, np.float64))",
+           "T-SHAP from signed Shapley values instead of their absolute mass.", MMSHAP),
+    Mutant("explainer_ignores_tokens_per_player", "jmmshap/mmshap.py",
+           "tokens_per_player=self.options.tokens_per_player,",
+           "tokens_per_player=1,",
+           "text_players='tokens' groups one token per player whatever tokens_per_player says.",
+           MMSHAP),
+    Mutant("permutation_option_computed_exactly", "jmmshap/mmshap.py",
+           'if method in ("auto", "exact") and num_players[s] <= limit]',
+           'if method != "kernel" and num_players[s] <= limit]',
+           "method='permutation' silently computes small games exactly.", MMSHAP),
+    Mutant("attention_masking_option_ignored", "jmmshap/mmshap.py",
+           "  if changes:\n    model.config",
+           "  if False:\n    model.config",
+           "with_masking leaves the trained masking in place (attention masking never applied).",
+           MMSHAP),
+    Mutant("explainer_ignores_given_targets", "jmmshap/mmshap.py",
+           "target = prediction if targets is None else int(targets[slot])",
+           "target = prediction",
+           "The explainer explains the prediction even when targets are given.", MMSHAP),
+    Mutant("target_label_explains_prediction", "jmmshap/mmshap_stage.py",
+           '  if config.target == "label":\n    return labels',
+           '  if config.target == "label":\n    return None',
+           "The mmshap stage's target='label' explains the predicted class.",
+           ("tests/test_mmshap_stage.py",)),
+    # Meta weighting.
+    Mutant("dataset_shares_from_test", "jmmshap/weighting.py",
+           'mean_shares = dataset_shares(shares["validation"])',
+           'mean_shares = dataset_shares(shares["test"])',
+           "Dataset MM-SHAP shares averaged over the test split (test leakage).", WEIGHTING),
+    Mutant("sample_fallback_from_own_split", "jmmshap/weighting.py",
+           "sample_shares(shares[split], mean_shares, split)",
+           "sample_shares(shares[split], dataset_shares(shares[split]), split)",
+           "Undefined per-example shares fall back to their own split's mean (test's on test).",
+           WEIGHTING),
+    Mutant("text_and_image_shares_swapped", "jmmshap/weighting.py",
+           'parts = [text * logits["text"], image * logits["image"],',
+           'parts = [image * logits["text"], text * logits["image"],',
+           "The text logits are scaled by V-SHAP and the image logits by T-SHAP.", WEIGHTING),
+    # Meta training, early stopping, restore.
+    Mutant("meta_optimizer_never_updates", "jmmshap/meta.py",
+           "return optax.apply_updates(params, updates), opt_state, loss, accuracy",
+           "return params, opt_state, loss, accuracy",
+           "The meta-MLP's step computes updates but never applies them.", ENSEMBLE),
+    Mutant("meta_loss_ignores_train_mask", "jmmshap/meta.py",
+           "loss = (train_lib.cross_entropy(logits, labels) * weights).sum() / total",
+           "loss = train_lib.cross_entropy(logits, labels).mean()",
+           "Meta members train on their held-out examples (and padding) too.", META + ENSEMBLE),
+    Mutant("early_stopping_keeps_last_step", "jmmshap/meta.py",
+           "improved = loss < kept_loss",
+           "improved = np.ones_like(loss < kept_loss)",
+           "Early stopping treats every evaluation as an improvement: the last params are kept.",
+           META),
+    Mutant("early_stopping_patience_off_by_one", "jmmshap/meta.py",
+           "(evals_since_improvement >= meta_config.patience)",
+           "(evals_since_improvement > meta_config.patience)",
+           "Training stops one evaluation after `patience` evaluations without improvement.", META),
+    Mutant("restore_returns_last_params", "jmmshap/meta.py",
+           'return np.asarray(predict(state["kept"], padded))',
+           'return np.asarray(predict(state["params"], padded))',
+           "restore predicts with the last params instead of the kept (best held-out) ones.", META),
+    Mutant("holdout_also_trained_on", "jmmshap/meta.py",
+           "holdout = stratified_holdout(labels, meta_config.holdout_fraction, seed)[None, :]\n"
+           "    return ~holdout, holdout",
+           "holdout = stratified_holdout(labels, meta_config.holdout_fraction, seed)[None, :]\n"
+           "    return np.ones_like(holdout), holdout",
+           "Early stopping's held-out examples stay in the training set.", META),
+    Mutant("cross_fit_test_from_one_member", "jmmshap/ensemble.py",
+           "probabilities[data.method] = members.mean(axis=0)",
+           "probabilities[data.method] = members[0]",
+           "Cross-fit test probabilities from the first member instead of the members' mean.",
+           ENSEMBLE),
+    Mutant("out_of_fold_score_in_fold", "jmmshap/ensemble.py",
+           "member = holdout[:, rows].argmax(axis=0)",
+           "member = (~holdout[:, rows]).argmax(axis=0)",
+           "Out-of-fold validation scores computed with a member that trained on the example.",
+           ENSEMBLE),
+    # Checkpoint selection and the learning-rate schedule.
+    Mutant("best_chosen_on_test", "jmmshap/classifier.py",
+           'evaluate_split("validation", state["params"], state["model_state"]), num_classes)',
+           'evaluate_split("test", state["params"], state["model_state"]), num_classes)',
+           "A classifier's best/ checkpoint is selected on the test split.", CLASSIFIER),
+    Mutant("best_is_always_latest", "jmmshap/train_lib.py",
+           "if selection.improves(scores[selection.metric], best_score):",
+           "if True:",
+           "best/ is replaced at every evaluation: it holds the latest, not the best.", CLASSIFIER),
+    Mutant("best_score_never_raised", "jmmshap/train_lib.py",
+           "          best_score = scores[selection.metric]\n",
+           "",
+           "The best score is never updated, so every evaluation beats the initial one.",
+           CLASSIFIER),
+    Mutant("best_replaced_on_ties", "jmmshap/train_lib.py",
+           "return score > best if self.higher_is_better else score < best",
+           "return score >= best if self.higher_is_better else score <= best",
+           "An equal validation score replaces the earlier best checkpoint.", CLASSIFIER),
+    Mutant("test_outputs_from_validation", "jmmshap/classifier.py",
+           'results = {split: evaluate_split(split, best["params"], best["model_state"])',
+           'results = {split: evaluate_split("validation", best["params"], best["model_state"])',
+           "logits_test.npz and the test metrics are computed on the validation split.", TRAIN_LIB),
+    Mutant("cosine_decay_ignores_warmup", "jmmshap/train_lib.py",
+           "decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1))",
+           "decay = optax.cosine_decay_schedule(peak, max(total_steps, 1))",
+           "Cosine decay spans every step, so it has not reached 0 at the end after a warm-up.",
+           TRAIN_LIB),
+    Mutant("linear_decay_floor", "jmmshap/train_lib.py",
+           "decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))",
+           "decay = optax.linear_schedule(peak, 0.1 * peak, max(total_steps - warmup, 1))",
+           "Linear decay ends at a tenth of the peak instead of 0.", TRAIN_LIB),
+    Mutant("warmup_one_step_long", "jmmshap/train_lib.py",
+           "optax.linear_schedule(0.0, peak, warmup)",
+           "optax.linear_schedule(0.0, peak, warmup + 1)",
+           "Warm-up one step longer than the decay's start: the peak is never reached.", TRAIN_LIB),
+    # Metrics.
+    Mutant("macro_average_over_absent_classes", "jmmshap/metrics.py",
+           'out[f"{name}_macro"] = float(scores[name][present].mean())',
+           'out[f"{name}_macro"] = float(scores[name].mean())',
+           "Macro averages include classes neither present nor predicted.", METRICS),
+    Mutant("precision_and_recall_swapped", "jmmshap/metrics.py",
+           "predicted = counts.sum(axis=0)",
+           "predicted = counts.sum(axis=1)",
+           "Precision divides by the class's support instead of its predictions.", METRICS),
+    # The input pipeline's split handling.
+    Mutant("same_order_every_epoch", "jmmshap/input_pipeline.py",
+           "order = np.random.default_rng([seed, epoch]).permutation(num_examples)",
+           "order = np.random.default_rng(seed).permutation(num_examples)",
+           "Training examples come in the same order every epoch.", INPUT),
+    Mutant("eval_drops_the_last_partial_batch", "jmmshap/input_pipeline.py",
+           "for start in range(0, num_examples, global_batch_size):",
+           "for start in range(0, num_examples - global_batch_size + 1, global_batch_size):",
+           "Evaluation skips the examples of a last, partial batch.", INPUT),
+    Mutant("toyshop_splits_share_their_draws", "jmmshap/toyshop.py",
+           "rng = np.random.default_rng([spec.seed, _SPLIT_CODES[split], class_index, index])",
+           "rng = np.random.default_rng([spec.seed, class_index, index])",
+           "Toyshop's validation and test products are copies of the first training products.",
+           ("tests/test_toyshop.py",)),
+    Mutant("stratified_split_fractions_swapped", "jmmshap/builders.py",
+           'num_validation = int(len(group) * _SPLIT_FRACTIONS["validation"])',
+           'num_validation = int(len(group) * _SPLIT_FRACTIONS["test"])',
+           "A product folder without a split column gets 20% validation instead of 10%.",
+           ("tests/test_builders.py",)),
+    Mutant("eval_padding_counted_as_examples", "jmmshap/input_pipeline.py",
+           'batch["mask"] = real.astype(np.float32)',
+           'batch["mask"] = np.ones_like(real, np.float32)',
+           "Padding rows of the last evaluation batch are marked as real examples.", INPUT),
+)
+
+
+def copy_repository(destination: str) -> None:
+  for name in COPIED:
+    source = os.path.join(REPO, name)
+    if os.path.isdir(source):
+      shutil.copytree(source, os.path.join(destination, name),
+                      ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    else:
+      shutil.copy2(source, os.path.join(destination, name))
+
+
+def apply(mutant: Mutant, root: str) -> bool:
+  """Applies the mutant in `root`; False when its text is not in the file exactly once."""
+  path = os.path.join(root, mutant.file)
+  with open(path) as f:
+    text = f.read()
+  if text.count(mutant.old) != 1:
+    return False
+  with open(path, "w") as f:
+    f.write(text.replace(mutant.old, mutant.new))
+  return True
+
+
+def run_tests(root: str, tests: Sequence[str], timeout: float) -> tuple[int | None, str, float]:
+  """(pytest's return code or None on timeout, its output, seconds) in the copy at `root`."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  started = time.perf_counter()
+  try:
+    child = subprocess.run([sys.executable, *PYTEST, *tests], cwd=root, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                           check=False)
+    return child.returncode, child.stdout, time.perf_counter() - started
+  except subprocess.TimeoutExpired as error:
+    output = error.stdout.decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+    return None, output, time.perf_counter() - started
+
+
+def first_failure(output: str) -> str | None:
+  for line in output.splitlines():
+    if line.startswith(("FAILED ", "ERROR ")):
+      return line[:300]
+  return None
+
+
+def check_imports_the_copy(root: str) -> None:
+  env = dict(os.environ, PYTHONPATH=root)
+  found = subprocess.run([sys.executable, "-c", "import jmmshap; print(jmmshap.__file__)"], cwd=root,
+                         env=env, text=True, capture_output=True, check=True).stdout.strip()
+  if not os.path.realpath(found).startswith(os.path.realpath(root)):
+    raise SystemExit(f"the copy in {root} imports jmmshap from {found}: mutants would not be seen.")
+
+
+def evaluate(mutant: Mutant, timeout: float) -> dict:
+  with tempfile.TemporaryDirectory(prefix=f"mutant_{mutant.name}_") as root:
+    copy_repository(root)
+    record = {"name": mutant.name, "file": mutant.file, "description": mutant.description,
+              "tests": list(mutant.tests)}
+    if not apply(mutant, root):
+      return {**record, "status": "stale", "killed": False, "seconds": 0.0, "returncode": None,
+              "first_failure": None}
+    returncode, output, seconds = run_tests(root, mutant.tests, timeout)
+  if returncode is None:
+    status = "timeout"
+  elif returncode in (1, 2):  # Tests failed, or errored / were interrupted on an error.
+    status = "killed"
+  elif returncode == 0:
+    status = "survived"
+  else:  # 3-5: internal error, usage error, no tests collected: the check itself is broken.
+    status = f"error (pytest exit {returncode})"
+  tail = None if status in ("killed", "survived") else output[-2000:]
+  return {**record, "status": status, "killed": status == "killed", "seconds": round(seconds, 1),
+          "returncode": returncode, "first_failure": first_failure(output),
+          **({"output_tail": tail} if tail else {})}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default="", help="Comma-separated mutant names (default: all).")
+  parser.add_argument("--output", default=os.path.join(REPO, "docs", "mutation_check.json"))
+  parser.add_argument("--timeout", type=float, default=600.0, help="Seconds per mutant's tests.")
+  parser.add_argument("--no-baseline", action="store_true",
+                      help="Skip the unmutated run of the target test files.")
+  parser.add_argument("--list", action="store_true", help="List the mutants and exit.")
+  args = parser.parse_args(argv)
+
+  names = [name for name in args.only.split(",") if name]
+  unknown = sorted(set(names) - {m.name for m in MUTANTS})
+  if unknown:
+    parser.error(f"unknown mutants: {', '.join(unknown)}")
+  mutants = [m for m in MUTANTS if not names or m.name in names]
+  if args.list:
+    for mutant in mutants:
+      print(f"{mutant.name:40s} {mutant.file:28s} {' '.join(mutant.tests)}")
+    return 0
+
+  started = time.perf_counter()
+  baseline = None
+  if not args.no_baseline:
+    files = sorted({test for mutant in mutants for test in mutant.tests})
+    with tempfile.TemporaryDirectory(prefix="mutation_baseline_") as root:
+      copy_repository(root)
+      check_imports_the_copy(root)
+      returncode, output, seconds = run_tests(root, files, args.timeout * len(files))
+    baseline = {"tests": files, "returncode": returncode, "seconds": round(seconds, 1)}
+    print(f"baseline: {len(files)} test files, exit {returncode}, {seconds:.0f} s", flush=True)
+    if returncode != 0:
+      print(output[-5000:])
+      print("the unmutated tests do not pass: fix them before checking mutants.")
+      return 2
+
+  results = []
+  for index, mutant in enumerate(mutants, 1):
+    result = evaluate(mutant, args.timeout)
+    results.append(result)
+    print(f"[{index}/{len(mutants)}] {mutant.name}: {result['status']} ({result['seconds']:.0f} s)"
+          + (f"  <- {result['first_failure']}" if result["first_failure"] else ""), flush=True)
+
+  killed = sum(result["killed"] for result in results)
+  report = {
+      "command": "python scripts/mutation_check.py" + (f" --only={args.only}" if names else ""),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+      "timeout_seconds_per_mutant": args.timeout,
+      "score": {"killed": killed, "total": len(results),
+                "survived": [r["name"] for r in results if r["status"] == "survived"],
+                "not_killed_otherwise": [r["name"] for r in results
+                                         if r["status"] not in ("killed", "survived")]},
+      "total_seconds": round(time.perf_counter() - started, 1),
+      "baseline": baseline, "mutants": results,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+  with open(args.output, "w") as f:
+    json.dump(report, f, indent=2)
+    f.write("\n")
+  print(f"mutation score: {killed}/{len(results)} killed; {args.output}")
+  return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
