@@ -51,7 +51,8 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.budget = 0
   # Coalition rows per forward call (bounds memory; a multiple of the device count) and examples
   # whose coalitions are packed into the same calls.
-  config.chunk_size = 512 if variant == "toyshop" else 1024
+  config.chunk_size = 0  # The most rows per call; 0: the backend's measured default (jmmshap/mmshap.py).
+  config.memory_gb = 0.0  # Activation memory a call may take; 0: half the GPUs', a quarter of the host's.
   config.examples_per_group = 16
   if common.PAPER in options:
     # 120-token titles: at most 12 word players (the rest merged into the last) + 4 image players,

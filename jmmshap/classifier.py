@@ -413,14 +413,23 @@ def run(config: ml_collections.ConfigDict, root: str,
   def evaluate_split(split: str, params: Any, model_state: Any) -> dict[str, np.ndarray]:
     return evaluate(eval_step, params, model_state, sources[split], preprocess, eval_batch_size, mesh)
 
+  # Validation logits of this run's evaluations by step: the best checkpoint's are not computed
+  # a second time for metrics.json (kept on the host; a split's logits are small).
+  validated: dict[int, dict[str, np.ndarray]] = {}
+
+  def validate_state(state: dict) -> dict[str, float]:
+    result = evaluate_split("validation", state["params"], state["model_state"])
+    validated.clear()  # Only the newest can be the best one when it improves.
+    validated[int(jax.device_get(state["step"]))] = result
+    return validation_scores(result, num_classes)
+
   if config.mode == "train":
     augment = input_pipeline.random_flip if config.get("random_flip") else None  # Image stage only.
     train_lib.fit(
         config, directory, stage.name, params=params, model_state=model_state,
         loss_fn=make_loss(train_graphdef, stage.inputs), train_source=sources["train"],
         preprocess=preprocess,
-        evaluate=lambda state: validation_scores(
-            evaluate_split("validation", state["params"], state["model_state"]), num_classes),
+        evaluate=validate_state,
         selection=SELECTION,
         best_model=lambda state: {"params": state["params"], "model_state": state["model_state"]},
         mesh=mesh, augment=augment)
@@ -429,7 +438,9 @@ def run(config: ml_collections.ConfigDict, root: str,
   best, best_metrics = checkpoints.restore_best(directory, abstract_model)
   logging.info("%s: evaluating the best checkpoint (step %s, validation f1_macro %.4f)", stage.name,
                best_metrics.get("step"), best_metrics.get("f1_macro", float("nan")))
-  results = {split: evaluate_split(split, best["params"], best["model_state"])
+  results = {split: (validated[best_metrics["step"]]
+                     if split == "validation" and best_metrics.get("step") in validated
+                     else evaluate_split(split, best["params"], best["model_state"]))
              for split in builders.EVAL_SPLITS}
   report = write_outputs(directory, results, class_names, num_classes)
   for split in builders.EVAL_SPLITS:

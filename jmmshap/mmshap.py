@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -70,7 +71,11 @@ class Options:
     exact; above shapley.MAX_EXACT_PLAYERS it fails with the engine's error), 'kernel' or
     'permutation' (every example sampled).
   budget: value evaluations per sampled example (0: `shapley.default_budget(p)`).
-  chunk_size: coalition rows per forward call, a multiple of the device count; bounds memory.
+  chunk_size: the most coalition rows per forward call, a multiple of the device count (0: the
+    backend's measured default, `DEFAULT_CHUNK_ROWS`). Calls are also kept within `memory_gb` and
+    shrunk (to the device count times a power of two) when a group has fewer rows to evaluate.
+  memory_gb: the activation memory one call may take (0: half the accelerators' memory, or a
+    quarter of the host's on a CPU), estimated per row by `row_bytes`.
   examples_per_group: examples whose image features are computed together and whose exact
     coalitions share chunks; a multiple of the device count.
   """
@@ -81,7 +86,8 @@ class Options:
   method: str = "auto"
   max_exact_players: int = 16
   budget: int = 0
-  chunk_size: int = 1024
+  chunk_size: int = 0
+  memory_gb: float = 0.0
   examples_per_group: int = 8
   seed: int = 0
 
@@ -92,10 +98,10 @@ class Options:
       raise ValueError(f"value={self.value!r}; use one of {VALUES}.")
     if self.method not in METHODS:
       raise ValueError(f"method={self.method!r}; use one of {METHODS}.")
-    for name in ("tokens_per_player", "chunk_size", "examples_per_group"):
+    for name in ("tokens_per_player", "examples_per_group"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)}; it must be positive.")
-    for name in ("max_text_players", "budget"):
+    for name in ("max_text_players", "budget", "chunk_size", "memory_gb"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)}; it must be >= 0 (0: no limit / default).")
     if not 0 <= self.max_exact_players <= shapley.MAX_EXACT_PLAYERS:
@@ -317,6 +323,51 @@ def _to_host(array: jax.Array) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
+# How many coalition rows one forward call takes.
+
+TRIM_MULTIPLE = 8  # A group's token arrays are cut to a multiple of this beyond its longest title.
+_TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "player_of_token")
+
+# Measured (docs/BENCHMARKS.md, scripts/bench_mmshap_vs_shap.py): on a CPU, calls of 64 rows of a
+# MiniLM MMBT were 8-25% faster than 1,024-row ones; an accelerator needs large calls to be busy.
+DEFAULT_CHUNK_ROWS = {"cpu": 64}
+ACCELERATOR_CHUNK_ROWS = 1024
+
+
+def row_bytes(model: mmbt_lib.MMBT, length: int) -> int:
+  """A rough bound on the activation memory of one coalition row's forward (no gradients): per
+  position its hidden states, query, key and value, the MLP's intermediate and every head's
+  attention row, in float32, times 4 for XLA's buffers. At BERT-base size and 128 tokens this is
+  15 MB a row: 1,024 rows took the 15 GB measured on a CPU."""
+  text = model.bert.config
+  positions = length + model.config.num_image_embeddings + 2
+  per_position = 4 * text.hidden_size + text.intermediate_size + text.num_attention_heads * positions
+  return 16 * positions * per_position
+
+
+def memory_budget(memory_gb: float = 0.0) -> int:
+  """Bytes of activations one call may take: `memory_gb`, else half of the local accelerators'
+  memory, else a quarter of the host's (CPU devices share it)."""
+  if memory_gb:
+    return int(memory_gb * 2**30)
+  devices = jax.local_devices()
+  stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
+  if stats and stats.get("bytes_limit"):
+    return int(0.5 * stats["bytes_limit"] * len(devices))
+  return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def call_rows(needed: int, *, devices: int, cap: int, fits: int) -> int:
+  """Rows of the next call: the device count times a power of two (a few compiled shapes), enough
+  for `needed` rows when that is within `cap` and `fits`, and never fewer than the device count."""
+  limit = max(devices, min(cap, fits))
+  rows = devices
+  while rows < needed and rows * 2 <= limit:
+    rows *= 2
+  return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # The explainer.
 
 
@@ -330,6 +381,11 @@ class Explainer:
     self.mesh = mesh or parallel.make_mesh()
     self.tokenizer = tokenizer
     devices = self.mesh.devices.size
+    self.devices = devices
+    self.max_rows = options.chunk_size or DEFAULT_CHUNK_ROWS.get(
+        self.mesh.devices.flat[0].platform, ACCELERATOR_CHUNK_ROWS)
+    self.budget = memory_budget(options.memory_gb)
+    self.row_bytes = functools.partial(row_bytes, model)
     for name in ("chunk_size", "examples_per_group"):
       if getattr(options, name) % devices:
         raise ValueError(f"{name}={getattr(options, name)} does not split over {devices} devices: "
@@ -348,7 +404,8 @@ class Explainer:
     self.replicated = parallel.replicated(self.mesh)
 
   def explain(self, batch: Mapping[str, np.ndarray], *, targets: np.ndarray | None = None,
-              indices: np.ndarray | None = None, progress: tqdm | None = None) -> Result:
+              indices: np.ndarray | None = None, progress: tqdm | None = None,
+              on_rows: Callable[[int, int | None], None] | None = None) -> Result:
     """MM-SHAP of every example of a batch.
 
     batch: tokenizer output (input_ids, attention_mask, token_type_ids, word_ids; (B, L)) and
@@ -357,6 +414,8 @@ class Explainer:
     indices (B,): the examples' positions in their split; each sampled example draws from the key
       (options.seed, index), so estimates do not depend on how examples are batched.
     progress: a tqdm bar advanced per explained example.
+    on_rows(rows, group_rows): called after each forward call with the real coalition rows it
+      evaluated and the exact rows of its group of examples (None for a sampled example).
     """
     input_ids = np.asarray(batch["input_ids"])
     size, length = input_ids.shape
@@ -390,7 +449,7 @@ class Explainer:
       part = slice(start, start + group_size)
       results.append(self._explain_group(
           {k: v[part] for k, v in inputs.items()}, ids[part], num_slots,
-          None if targets is None else targets[part], indices[part], progress))
+          None if targets is None else targets[part], indices[part], progress, on_rows))
     result = Result.concatenate(results)
     if self.tokenizer is not None:
       result.player_names = self._player_names(input_ids, player_of_token, num_text, num_slots)
@@ -398,8 +457,19 @@ class Explainer:
 
   # ------------------------------------------------------------------------------------------------
 
-  def _explain_group(self, inputs, ids, num_slots, targets, indices, progress) -> Result:
+  def _call_rows(self, group, needed: int) -> int:
+    length = group["input_ids"].shape[1]
+    return call_rows(needed, devices=self.devices, cap=self.max_rows,
+                     fits=self.budget // self.row_bytes(length))
+
+  def _explain_group(self, inputs, ids, num_slots, targets, indices, progress, on_rows) -> Result:
     size = len(ids)
+    # Padding tokens are out of attention and no player's: every coalition's forward skips them,
+    # down to the group's longest title (rounded up to 8 tokens, for few compiled lengths).
+    longest = int(np.max(np.flatnonzero(np.asarray(inputs["attention_mask"]).any(axis=0)),
+                         initial=0)) + 1
+    keep = min(inputs["input_ids"].shape[1], -(-longest // TRIM_MULTIPLE) * TRIM_MULTIPLE)
+    inputs = {k: v[:, :keep] if k in _TOKEN_FIELDS else v for k, v in inputs.items()}
     padded = {k: _pad_examples(v, self.options.examples_per_group) for k, v in inputs.items()}
     if "pixel_values" in padded:
       features = self._image_features(self.leaves,
@@ -437,23 +507,24 @@ class Explainer:
     if batched:
       describe = lambda slot: functools.partial(self._describe, ids[slot],
                                                 int(inputs["num_text_players"][slot]), num_image)
-      self._exact_rows(group, batched, num_players, width, choose, finish, describe)
+      self._exact_rows(group, batched, num_players, width, choose, finish, describe, on_rows)
     for slot in sorted(set(range(size)) - set(batched)):
       self._sampled(group, slot, int(num_players[slot]), width, ids[slot], int(indices[slot]),
-                    choose, finish)
+                    choose, finish, on_rows)
     return self._assemble(outcomes, inputs["num_text_players"], num_image)
 
-  def _exact_rows(self, group, slots, num_players, width, choose, finish, describe) -> None:
+  def _exact_rows(self, group, slots, num_players, width, choose, finish, describe,
+                  on_rows) -> None:
     """Every coalition of the given examples, packed back to back into chunks of rows.
 
     Each example's coalitions run from the full one down to the empty one, so its first chunk
     holds the full coalition and fixes the explained class; the host then keeps only that class's
     2**p values (float64) per example in flight, not all classes.
     """
-    chunk = self.options.chunk_size
     sizes = np.asarray([num_players[s] for s in slots], np.int64)
     counts = np.left_shift(1, sizes)
     offsets = np.concatenate([[0], np.cumsum(counts)])
+    chunk = self._call_rows(group, int(offsets[-1]))
     bits = np.arange(int(sizes.max()))
     tables: dict[int, tuple[np.ndarray, int, int, np.ndarray]] = {}
     filled = np.zeros(len(slots), np.int64)
@@ -461,6 +532,8 @@ class Explainer:
 
     def collect(values, which, coalitions):
       values = _to_host(values)[:len(which)]
+      if on_rows is not None:
+        on_rows(len(which), int(offsets[-1]))
       for position in np.unique(which):
         rows = which == position
         _check_finite(values[rows], coalitions[rows], describe(slots[position]))
@@ -493,18 +566,23 @@ class Explainer:
     while in_flight:
       collect(*in_flight.popleft())
 
-  def _sampled(self, group, slot, num_players, width, example_id, index, choose, finish) -> None:
-    chunk = self.options.chunk_size
+  def _sampled(self, group, slot, num_players, width, example_id, index, choose, finish,
+               on_rows) -> None:
+    chunk = self.max_rows
 
     def value_fn(masks):
       masks = np.asarray(masks)
       values = []
-      for start in range(0, len(masks), chunk):
-        part = masks[start:start + chunk]
-        padded = np.zeros((chunk, width), bool)
+      step = self._call_rows(group, len(masks))
+      for start in range(0, len(masks), step):
+        part = masks[start:start + step]
+        rows = self._call_rows(group, len(part))  # The last part may take a smaller call.
+        padded = np.zeros((rows, width), bool)
         padded[:len(part), :num_players] = part
-        values.append(_to_host(self._values(group, np.full(chunk, slot, np.int32), padded))
+        values.append(_to_host(self._values(group, np.full(rows, slot, np.int32), padded))
                       [:len(part)])
+        if on_rows is not None:
+          on_rows(len(part), None)
       return np.concatenate(values)
 
     key = jax.random.fold_in(jax.random.key(self.options.seed), index)

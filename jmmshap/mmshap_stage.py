@@ -43,8 +43,11 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "", devices: i
     elif num_image_embeddings is not None and config.max_text_players + num_image_embeddings > cap:
       problems.append(f"{prefix}method='exact': max_text_players={config.max_text_players} + "
                       f"{num_image_embeddings} image players exceed the exact cap of {cap}.")
-  config_checks.positive(problems, config, prefix, "chunk_size", "examples_per_group")
+  config_checks.positive(problems, config, prefix, "examples_per_group")
+  config_checks.at_least(problems, config, prefix, 0, "chunk_size", why=" (0: the backend's default)")
   config_checks.divisible(problems, config, prefix, devices, "chunk_size", "examples_per_group")
+  if not isinstance(config.get("memory_gb", 0.0), (int, float)) or config.get("memory_gb", 0.0) < 0:
+    problems.append(f"{prefix}memory_gb={config.get('memory_gb')!r}: must be >= 0 (0: measured).")
   return problems
 
 
@@ -53,7 +56,8 @@ def options_from_config(config: ml_collections.ConfigDict) -> mmshap.Options:
       text_players=config.text_players, tokens_per_player=config.tokens_per_player,
       max_text_players=config.max_text_players, value=config.value, method=config.method,
       max_exact_players=config.max_exact_players, budget=config.budget,
-      chunk_size=config.chunk_size, examples_per_group=config.examples_per_group,
+      chunk_size=config.chunk_size, memory_gb=config.get("memory_gb", 0.0),
+      examples_per_group=config.examples_per_group,
       seed=config.seed)
 
 
@@ -90,6 +94,47 @@ def _groups(source: input_pipeline.RecordSource, count: int, size: int,
     yield indices, preprocess(input_pipeline.read_records(source, indices))
 
 
+class CoalitionProgress:
+  """Coalitions/s and a remaining-time estimate on the examples' progress bar, from the first
+  finished call on: the rows left in the group of examples being explained, plus the examples not
+  reached yet at the rows per example seen so far."""
+
+  def __init__(self, bar: tqdm, total_examples: int):
+    self.bar, self.total = bar, total_examples
+    self.started = time.perf_counter()
+    self.rows = 0  # Evaluated so far.
+    self.done_examples = self.done_rows = 0  # Of the finished groups.
+    self.group_size = self.group_done = 0
+    self.group_rows: int | None = None
+
+  def start_group(self, examples: int) -> None:
+    self.group_size, self.group_done, self.group_rows = examples, 0, None
+
+  def end_group(self) -> None:
+    self.done_examples += self.group_size
+    self.done_rows += self.group_done
+    self.group_size = self.group_done = 0
+
+  def __call__(self, rows: int, group_rows: int | None) -> None:
+    self.rows += rows
+    self.group_done += rows
+    self.group_rows = group_rows if group_rows is not None else self.group_rows
+    rate = self.rows / max(time.perf_counter() - self.started, 1e-9)
+    group_total = max(self.group_rows or 0, self.group_done)
+    per_example = (self.done_rows / self.done_examples if self.done_examples
+                   else group_total / max(self.group_size, 1))
+    not_reached = max(0, self.total - self.done_examples - self.group_size)
+    remaining = group_total - self.group_done + per_example * not_reached
+    self.bar.set_postfix(coalitions_s=f"{rate:,.0f}", eta=_duration(remaining / max(rate, 1e-9)),
+                         refresh=False)
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
 def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSource,
                   preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
                   class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -99,12 +144,14 @@ def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSour
   results, labels, ids = [], [], []
   progress = tqdm(total=count, desc=f"mmshap {split}", unit="ex", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
+  rates = CoalitionProgress(progress, count)
   started, evaluations = time.perf_counter(), 0
   for indices, batch in input_pipeline.prefetch(_groups(source, count, group, preprocess)):
+    rates.start_group(len(indices))
     result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
-                               indices=indices, progress=progress)
+                               indices=indices, progress=progress, on_rows=rates)
+    rates.end_group()
     evaluations += int(result.num_evaluations.sum())
-    progress.set_postfix(coalitions_s=f"{evaluations / (time.perf_counter() - started):,.0f}")
     results.append(result)
     labels.append(batch["label"])
     ids.append(batch["id"])

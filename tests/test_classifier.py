@@ -95,3 +95,17 @@ def test_a_vocabulary_larger_than_the_pretrained_embedding_table_is_refused(tmp_
                                        r"embedding table has 30522 rows"):
     pipeline.run(config, str(tmp_path / "job"))
   assert not os.path.exists(workdir.path(str(tmp_path / "job"), "mmbt", workdir.CHECKPOINTS))
+
+
+def test_the_best_checkpoints_validation_is_evaluated_once(tmp_path, tiny, monkeypatch):
+  sources = []
+  original = classifier.evaluate
+
+  def counting(eval_step, params, model_state, source, *args):
+    sources.append(len(source))
+    return original(eval_step, params, model_state, source, *args)
+
+  monkeypatch.setattr(classifier, "evaluate", counting)
+  pipeline.run(tiny.config("image", str(tmp_path / "tfds")), str(tmp_path / "job"))
+  # One validation pass at the last (and only, so best) evaluation, one test pass: 24 examples each.
+  assert sources == [24, 24]

@@ -386,3 +386,62 @@ def test_chunk_size_must_split_over_the_devices(model):
 def test_max_exact_players_above_the_engine_limit_is_refused():
   with pytest.raises(ValueError, match="at most 24 players"):
     mmshap.Options(max_exact_players=25)
+
+
+def test_a_call_takes_the_device_count_times_a_power_of_two_within_the_cap_and_the_memory():
+  rows = lambda needed, cap=1024, fits=10**9: mmshap.call_rows(needed, devices=2, cap=cap, fits=fits)
+  assert [rows(n) for n in (1, 2, 3, 40, 64, 65, 5000)] == [2, 2, 4, 64, 64, 128, 1024]
+  assert rows(5000, cap=64) == 64 and rows(5000, fits=300) == 256 and rows(5000, fits=1) == 2
+  assert mmshap.call_rows(40, devices=6, cap=1024, fits=10**9) == 48  # 6 x 2**3.
+
+
+def test_a_row_of_a_bert_base_mmbt_is_bounded_as_the_measured_memory_says():
+  model = nnx.eval_shape(lambda: mmbt.MMBT(
+      mmbt.MMBTConfig(num_image_embeddings=4, cls_token_id=CLS, sep_token_id=SEP,
+                      mask_token_id=MASK),
+      bert.BertModel(bert.BertConfig(vocab_size=30522), rngs=nnx.Rngs(0)),
+      clip_vision.CLIPVisionModel(clip_vision.CLIPVisionConfig(), rngs=nnx.Rngs(0)),
+      num_labels=3, rngs=nnx.Rngs(0)))
+  # 1,024 rows at 120 tokens took 15 GB on a CPU; the bound says about as much.
+  assert 14e9 < 1024 * mmshap.row_bytes(model, 120) < 17e9
+  assert mmshap.memory_budget(2.5) == int(2.5 * 2**30)
+
+
+def test_calls_stay_within_the_memory_budget_and_shrink_to_the_rows_a_group_needs(model, monkeypatch):
+  sizes = []
+  original = mmshap.Explainer._values
+
+  def record(self, group, row_example, masks):
+    sizes.append(len(masks))
+    return original(self, group, row_example, masks)
+
+  monkeypatch.setattr(mmshap.Explainer, "_values", record)
+  batch = make_batch([[1, 1], [1, 1, 1, 1]])  # 2**(2+2) + 2**(4+2) = 80 coalition rows.
+  explainer = mmshap.Explainer(model, dataclasses.replace(OPTIONS, chunk_size=1024))
+  explainer.explain(batch)
+  assert sizes == [128]  # One call, not 1,024 padded rows.
+  sizes.clear()
+  length = np.asarray(batch["input_ids"]).shape[1]
+  tight = mmshap.Explainer(model, dataclasses.replace(
+      OPTIONS, chunk_size=1024, memory_gb=20.5 * mmshap.row_bytes(model, length) / 2**30))
+  tight.explain(batch)
+  assert set(sizes) == {16} and len(sizes) == 5  # 20 rows fit: calls of 16.
+
+
+def test_padding_beyond_a_groups_longest_title_is_not_computed_and_changes_nothing(model,
+                                                                                   monkeypatch):
+  lengths = []
+  original = mmshap.Explainer._values
+
+  def record(self, group, row_example, masks):
+    lengths.append(group["input_ids"].shape[1])
+    return original(self, group, row_example, masks)
+
+  monkeypatch.setattr(mmshap.Explainer, "_values", record)
+  words = [[1, 2], [1, 1, 1]]  # At most 4 word tokens + [CLS] and [SEP]: 6 real tokens.
+  short = mmshap.Explainer(model, OPTIONS).explain(make_batch(words, length=8))
+  lengths.clear()
+  padded = mmshap.Explainer(model, OPTIONS).explain(make_batch(words, length=32))
+  assert set(lengths) == {8}  # 32 tokens given; the forwards ran on 8.
+  np.testing.assert_allclose(padded.phi[:, :5], short.phi[:, :5], rtol=1e-5, atol=1e-6)
+  assert padded.phi.shape[1] > short.phi.shape[1]  # The player axis keeps the given length's.

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from tqdm.auto import tqdm
 
 from configs import mmbt as mmbt_config
 from configs import mmshap as mmshap_config
@@ -130,3 +131,17 @@ def test_target_label_explains_each_examples_label_instead_of_the_prediction(sta
   assert (arrays["predictions"] != arrays["labels"]).mean() >= 0.75, arrays["predictions"]
   np.testing.assert_allclose(np.nansum(arrays["phi"], 1), arrays["value_full"] - arrays["value_empty"],
                              rtol=1e-4, atol=1e-4)
+
+
+def test_progress_shows_coalitions_per_second_and_the_time_left_from_the_first_call(monkeypatch):
+  clock = iter([0.0, 10.0, 20.0])  # Start, then one reading per call.
+  monkeypatch.setattr(mmshap_stage.time, "perf_counter", lambda: next(clock))
+  bar = tqdm(total=10, disable=True)
+  progress = mmshap_stage.CoalitionProgress(bar, total_examples=10)
+  progress.start_group(2)
+  progress(500, 1000)  # Half of the first group's 1,000 rows, in 10 s.
+  # 50 rows/s; left: 500 of this group + 8 examples not reached x 500 rows each = 4,500 rows: 90 s.
+  assert bar.postfix == "coalitions_s=50, eta=0:01:30"
+  progress(500, 1000)
+  progress.end_group()
+  assert bar.postfix == "coalitions_s=50, eta=0:01:20"  # 8 examples x 500 rows at 50/s.
