@@ -41,6 +41,13 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.tokens_per_player = 1
   config.max_text_players = 0
   config.text_masking = placeholder(str)
+  # 'embeddings': the MMBT's N image embeddings are the image players (its vision tower runs once
+  # per example); 'patches': a grid of pixel patches, as MM-SHAP's authors define it (the whole model
+  # runs per coalition). patch_grid: patches a side, 0: the authors' rule (about as many image
+  # players as text tokens); patch_fill: a masked patch's pixels in the model's input space.
+  config.image_players = "embeddings"
+  config.patch_grid = 0
+  config.patch_fill = 0.0
   config.image_masking = placeholder(str)
 
   # Exact Shapley values up to max_exact_players players (text + image), KernelSHAP above with

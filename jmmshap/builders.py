@@ -85,6 +85,14 @@ def _file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """Our datasets are built on this machine, never on TFDS's bucket: there is nothing to fetch, and
+  TFDS's lookup would leave an empty temporary folder behind for every builder not yet prepared."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 # ---------------------------------------------------------------------------------------------------
 # Toyshop.
 
@@ -112,7 +120,7 @@ class Toyshop(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     spec = _require_config(self, ToyshopConfig, "toyshop_config(spec)").spec
     infos = toyshop.classes(spec)
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description="Generated products whose per-class modality reliance is known (jmmshap.toyshop).",
         features=_features([c.name for c in infos], (spec.image_size, spec.image_size, 3), "png"),
@@ -152,8 +160,8 @@ class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self._config()
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
-                                 features=_features(config.class_names))
+    return _LocalDatasetInfo(builder=self, description=self.__doc__,
+                             features=_features(config.class_names))
 
   def _config(self):
     raise NotImplementedError

@@ -1,4 +1,4 @@
-"""MM-SHAP for CLIP-MMBT: how much of a prediction comes from the title and how much from the photo.
+"""MM-SHAP: how much of a prediction comes from the title and how much from the photo.
 
 MM-SHAP (Parcalabescu and Frank, 2023) makes the inputs of both modalities players of one cooperative
 game whose value is the model's output for the explained class, and reads each modality's share of
@@ -9,21 +9,25 @@ the Shapley values' absolute mass:
 When every phi is 0 (the value depends on no player) both shares are 0/0: they are NaN, and the
 summaries count such examples (`num_undefined`) instead of averaging them.
 
-Players. Image players are the MMBT's N image embeddings. Text players are words (tokens that share
-a tokenizer word id, `text_players='words'`) or runs of `tokens_per_player` tokens ('tokens');
-[CLS], [SEP] and [PAD] are never players and are always kept. A title with more words (or runs) than
-`max_text_players` loses no token: its trailing words are merged into the last text player. An
-example's players are its text players, then its image players; how a masked one is represented is
-the trained model's `MMBTConfig.text_masking` / `image_masking` (`with_masking` changes it).
+Players (`players.py`). Text players are words (tokens that share a tokenizer word id,
+`text_players='words'`) or runs of `tokens_per_player` tokens ('tokens'); special and padding tokens
+are never players and are always kept. A title with more words (or runs) than `max_text_players`
+loses no token: its trailing words are merged into the last text player. Image players are, for the
+CLIP-MMBT, its N image embeddings (`image_players='embeddings'`, masked as its
+`MMBTConfig.image_masking` says; the vision tower runs once per example) or a grid of pixel patches
+('patches', MM-SHAP's authors' players: filled with `patch_fill` and the whole model run per
+coalition); any other model is played through a `games.PatchGame`. An example's players are its
+text players, then its image players. How a game turns a coalition into the model's input is
+`games.py`.
 
 One compiled program for every title length. The number of players p differs per example, and any
 shape that follows p would compile once per p. Instead the player axis is padded to a fixed width P
-(text slots + N): an example's real players fill slots 0 .. p - 1 and the rest are dummies that no
-coalition ever contains. A forward call takes a fixed-size chunk of coalition rows, each an example
-slot plus a mask over the P slots, and maps players to tokens through traced per-example arrays
-(`player_of_token`, `num_text_players`). Exact examples enumerate only their own 2**p coalitions,
-packed back to back across the examples of a group, so small games share chunks; the rows are
-sharded over the `data` mesh axis and the vision tower runs once per example.
+(text slots + image slots, the most any example of that length can have): an example's real players
+fill slots 0 .. p - 1 and the rest are dummies that no coalition ever contains. A forward call takes
+a fixed-size chunk of coalition rows, each an example slot plus a mask over the P slots, and maps
+players to tokens through traced per-example arrays (`player_of_token`, `num_text_players`). Exact
+examples enumerate only their own 2**p coalitions, packed back to back across the examples of a
+group, so small games share chunks; the rows are sharded over the `data` mesh axis.
 
 Values. Each row returns the model's output for every class (logits, log-probabilities with
 `value='log_prob'`, or log-odds with `value='log_odds'`). An example's coalitions run from the full
@@ -46,19 +50,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jmmshap import input_pipeline, parallel, shapley
+from jmmshap import games, input_pipeline, parallel, shapley
 from jmmshap.models import mmbt as mmbt_lib
+# The players' vocabulary is part of this module's API (tests, the stage and scripts use it here).
+from jmmshap.players import (IMAGE, NO_PLAYER, TEXT, TEXT_GROUPINGS, VALUES,  # noqa: F401
+                             check_players, class_values, contrast_weights, modality_shares,
+                             player_modality, text_players, text_slots)
 from jmmshap.tokenizer import TitleTokenizer
 
-TEXT, IMAGE, NO_PLAYER = 0, 1, -1  # player_modality codes.
-TEXT_GROUPINGS = ("words", "tokens")
-VALUES = ("logit", "log_prob", "log_odds", "contrast")
+IMAGE_PLAYERS = ("embeddings", "patches")
+
 TARGETS = ("predicted", "label")
 METHODS = ("auto", "exact", "kernel", "permutation")
 
@@ -89,6 +94,9 @@ class Options:
   chunk_size: int = 0
   memory_gb: float = 0.0
   examples_per_group: int = 8
+  image_players: str = "embeddings"  # Or 'patches' (pixel patches; see the module docstring).
+  patch_grid: int = 0  # Patches a side; 0: the MM-SHAP authors' rule per example.
+  patch_fill: float = 0.0  # A masked patch's pixels, in the model's (normalised) input space.
   seed: int = 0
 
   def __post_init__(self):
@@ -98,10 +106,12 @@ class Options:
       raise ValueError(f"value={self.value!r}; use one of {VALUES}.")
     if self.method not in METHODS:
       raise ValueError(f"method={self.method!r}; use one of {METHODS}.")
+    if self.image_players not in IMAGE_PLAYERS:
+      raise ValueError(f"image_players={self.image_players!r}; use one of {IMAGE_PLAYERS}.")
     for name in ("tokens_per_player", "examples_per_group"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)}; it must be positive.")
-    for name in ("max_text_players", "budget", "chunk_size", "memory_gb"):
+    for name in ("max_text_players", "budget", "chunk_size", "memory_gb", "patch_grid"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)}; it must be >= 0 (0: no limit / default).")
     if not 0 <= self.max_exact_players <= shapley.MAX_EXACT_PLAYERS:
@@ -146,170 +156,6 @@ class Result:
     return cls(**fields)
 
 
-# --------------------------------------------------------------------------------------------------
-# Players.
-
-
-def text_players(word_ids: np.ndarray, *, grouping: str = "words", tokens_per_player: int = 1,
-                 max_text_players: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Text players of each example: `player_of_token` (B, L) and `num_text_players` (B,).
-
-  word_ids (B, L) come from the tokenizer, -1 on [CLS]/[SEP]/[PAD]; those tokens get player -1 (never
-  a player, always kept). 'words' makes each word a player, in title order; 'tokens' makes each run of
-  `tokens_per_player` tokens one. With `max_text_players` > 0 the players past the limit are merged
-  into the last one, so every token still belongs to a player.
-  """
-  if grouping not in TEXT_GROUPINGS:
-    raise ValueError(f"grouping={grouping!r}; use one of {TEXT_GROUPINGS}.")
-  word_ids = np.asarray(word_ids)
-  if word_ids.ndim != 2:
-    raise ValueError(f"word_ids has shape {word_ids.shape}; expected (batch, length).")
-  player_of_token = np.full(word_ids.shape, NO_PLAYER, np.int32)
-  num_text_players = np.zeros(word_ids.shape[0], np.int32)
-  for row, ids in enumerate(word_ids):
-    real = ids >= 0
-    if grouping == "words":
-      players = np.unique(ids[real], return_inverse=True)[1].reshape(-1)
-    else:
-      players = np.arange(int(real.sum())) // tokens_per_player
-    if max_text_players:
-      players = np.minimum(players, max_text_players - 1)
-    player_of_token[row, real] = players
-    num_text_players[row] = players.max() + 1 if players.size else 0
-  return player_of_token, num_text_players
-
-
-def text_slots(length: int, options: Options) -> int:
-  """Text player slots for inputs of `length` tokens: the most any example of that length can have."""
-  slots = length if options.text_players == "words" else -(-length // options.tokens_per_player)
-  return min(slots, options.max_text_players) if options.max_text_players else slots
-
-
-def check_players(player_of_token: np.ndarray, num_text_players: np.ndarray, num_slots: int,
-                  ids: Sequence[str]) -> None:
-  """Every text player owns a token, no token names a player the example lacks, and all fit."""
-  for row, (players, count) in enumerate(zip(player_of_token, num_text_players)):
-    owned = np.unique(players[players >= 0])
-    if count > num_slots:
-      raise ValueError(f"example {ids[row]!r} has {count} text players but there are {num_slots} "
-                       "text player slots; raise max_text_players or let it be 0 (no limit).")
-    if owned.size and owned[-1] >= count:
-      raise ValueError(f"example {ids[row]!r}: a token belongs to text player {owned[-1]} but the "
-                       f"example has {count} text players (player_of_token and num_text_players "
-                       "disagree).")
-    if owned.size != count:
-      missing = sorted(set(range(count)) - set(owned.tolist()))
-      raise ValueError(f"example {ids[row]!r} has {count} text players but players {missing} own no "
-                       "token (player_of_token and num_text_players disagree).")
-
-
-def player_modality(num_text_players: np.ndarray, num_image_players: int,
-                    num_slots: int) -> np.ndarray:
-  """(B, P): TEXT on slots 0 .. t - 1, IMAGE on the next N, NO_PLAYER after."""
-  slots = np.arange(num_slots)[None]
-  text = np.asarray(num_text_players)[:, None]
-  return np.where(slots < text, TEXT,
-                  np.where(slots < text + num_image_players, IMAGE, NO_PLAYER)).astype(np.int8)
-
-
-def modality_shares(phi: np.ndarray, modality: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """T-SHAP and V-SHAP (..., ) from phi and player_modality (..., P); NaN where every phi is 0."""
-  magnitude = np.abs(np.where(modality == NO_PLAYER, 0.0, np.asarray(phi, np.float64)))
-  text = np.sum(np.where(modality == TEXT, magnitude, 0.0), axis=-1)
-  image = np.sum(np.where(modality == IMAGE, magnitude, 0.0), axis=-1)
-  total = text + image
-  defined = total > 0
-  safe_total = np.where(defined, total, 1.0)
-  return np.where(defined, text / safe_total, np.nan), np.where(defined, image / safe_total, np.nan)
-
-
-def with_masking(model: mmbt_lib.MMBT, text_masking: str | None = None,
-                 image_masking: str | None = None) -> mmbt_lib.MMBT:
-  """The model with another masked-player representation (None keeps the trained one), in place."""
-  changes = {k: v for k, v in (("text_masking", text_masking), ("image_masking", image_masking))
-             if v is not None}
-  if changes:
-    model.config = dataclasses.replace(model.config, **changes)  # Validated by MMBTConfig.
-  return model
-
-
-# --------------------------------------------------------------------------------------------------
-# Values.
-
-
-def class_values(logits: jax.Array, value: str) -> jax.Array:
-  """(K, C) game value of every class from the logits (K, C) of K coalitions.
-
-  'log_odds' is log(p_c / (1 - p_c)) = z_c - logsumexp_{j != c} z_j, taken per class over the
-  other logits directly, so it stays exact where p_c rounds to 1. 'contrast' is combined on the
-  host (`contrast_weights`), so its rows are the logits.
-  """
-  if value == "log_prob":
-    return jax.nn.log_softmax(logits, axis=-1)
-  if value == "log_odds":
-    num_classes = logits.shape[-1]
-    others = jnp.where(jnp.eye(num_classes, dtype=bool), -jnp.inf, logits[..., None, :])
-    return logits - jax.nn.logsumexp(others, axis=-1)
-  return logits
-
-
-def contrast_weights(full_logits: np.ndarray, target: int) -> np.ndarray:
-  """Weights w (C,) of the 'contrast' value w . z = z_target - sum_{j != target} q_j z_j.
-
-  q is the full input's softmax over the classes other than the target: the rivals the model
-  weighed for this example. Evidence that raises the target together with those rivals (e.g. that
-  narrows the catalogue to a family of similar classes) cancels, so the game credits what separates
-  the target from its rivals: "why this class rather than the ones it was confused with". q is fixed
-  per example, so the value is linear in the logits and its Shapley values are the same
-  combination of the classes' logit Shapley values.
-  """
-  full_logits = np.asarray(full_logits, np.float64)
-  others = np.arange(full_logits.shape[-1]) != target
-  rivals = full_logits[others] - full_logits[others].max()
-  weights = np.zeros_like(full_logits)
-  weights[others] = -np.exp(rivals) / np.exp(rivals).sum()
-  weights[target] = 1.0
-  return weights
-
-
-# --------------------------------------------------------------------------------------------------
-# The compiled programs: shared by every explainer of the same model structure.
-
-
-def _merge(graphdef: nnx.GraphDef, treedef: Any, leaves: list[jax.Array]) -> mmbt_lib.MMBT:
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
-
-# The model state is passed as its flat list of arrays: a static graphdef argument would be hashed,
-# and an nnx.State flattened, on every call, which cost ~10 ms per call even for a tiny model.
-@functools.lru_cache(maxsize=16)
-def _image_program(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
-  return jax.jit(lambda leaves, pixel_values: _merge(graphdef, treedef, leaves).image_features(
-      pixel_values))
-
-
-@functools.lru_cache(maxsize=16)
-def _values_program(graphdef: nnx.GraphDef, treedef: Any, value: str) -> Callable:
-
-  @jax.jit
-  def coalition_values(leaves, group, row_example, masks):
-    """(K, C) values of K coalition rows: row k is example row_example[k] with players masks[k]."""
-    rows = lambda name: jnp.take(group[name], row_example, axis=0)
-    player_of_token = rows("player_of_token")
-    text_keep = (player_of_token < 0) | jnp.take_along_axis(
-        masks, jnp.maximum(player_of_token, 0), axis=1)
-    image_features = rows("image_features")
-    image_slots = rows("num_text_players")[:, None] + jnp.arange(image_features.shape[1])
-    image_keep = jnp.take_along_axis(masks, image_slots, axis=1)
-    model = _merge(graphdef, treedef, leaves)
-    logits = model(rows("input_ids"), rows("attention_mask"), rows("token_type_ids"),
-                   image_features=image_features, text_keep=text_keep,
-                   image_keep=image_keep)["logits"].astype(jnp.float32)
-    return class_values(logits, value)
-
-  return coalition_values
-
-
 def _put(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   """A host array, the same on every process, as a global array."""
   array = np.asarray(array)
@@ -332,17 +178,6 @@ _TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "player_of_tok
 # MiniLM MMBT were 8-25% faster than 1,024-row ones; an accelerator needs large calls to be busy.
 DEFAULT_CHUNK_ROWS = {"cpu": 64}
 ACCELERATOR_CHUNK_ROWS = 1024
-
-
-def row_bytes(model: mmbt_lib.MMBT, length: int) -> int:
-  """A rough bound on the activation memory of one coalition row's forward (no gradients): per
-  position its hidden states, query, key and value, the MLP's intermediate and every head's
-  attention row, in float32, times 4 for XLA's buffers. At BERT-base size and 128 tokens this is
-  15 MB a row: 1,024 rows took the 15 GB measured on a CPU."""
-  text = model.bert.config
-  positions = length + model.config.num_image_embeddings + 2
-  per_position = 4 * text.hidden_size + text.intermediate_size + text.num_attention_heads * positions
-  return 16 * positions * per_position
 
 
 def memory_budget(memory_gb: float = 0.0) -> int:
@@ -372,12 +207,26 @@ def call_rows(needed: int, *, devices: int, cap: int, fits: int) -> int:
 
 
 class Explainer:
-  """MM-SHAP of an MMBT; one compiled forward per (chunk_size, examples_per_group, length) shape."""
+  """MM-SHAP of any image-text model, through a game (`games`): an MMBT is played with its image
+  embeddings or pixel patches as `options.image_players` says; any other model through a
+  `games.PatchGame`. One compiled forward per (rows, examples_per_group, length) shape."""
 
-  def __init__(self, model: mmbt_lib.MMBT, options: Options = Options(), *,
+  def __init__(self, model: mmbt_lib.MMBT | games.Game, options: Options = Options(), *,
                mesh: jax.sharding.Mesh | None = None, tokenizer: TitleTokenizer | None = None):
-    """The model is used in eval mode (a copy is switched; the caller's module is not changed)."""
+    """A model is used in eval mode (a copy is switched; the caller's module is not changed)."""
     self.options = options
+    # 'contrast' combines the logits on the host: its device program is the logits' one.
+    value = "logit" if options.value == "contrast" else options.value
+    if isinstance(model, games.Game):
+      if model.value != value:
+        raise ValueError(f"the game computes value={model.value!r} but options.value="
+                         f"{options.value!r} asks for {value!r}: build the game with value={value!r}.")
+      self.game = model
+    elif options.image_players == "patches":
+      self.game = games.mmbt_patch_game(model, value=value, grid=options.patch_grid,
+                                        fill=options.patch_fill)
+    else:
+      self.game = games.EmbeddingGame(model, value)
     self.mesh = mesh or parallel.make_mesh()
     self.tokenizer = tokenizer
     devices = self.mesh.devices.size
@@ -385,21 +234,12 @@ class Explainer:
     self.max_rows = options.chunk_size or DEFAULT_CHUNK_ROWS.get(
         self.mesh.devices.flat[0].platform, ACCELERATOR_CHUNK_ROWS)
     self.budget = memory_budget(options.memory_gb)
-    self.row_bytes = functools.partial(row_bytes, model)
+    self.row_bytes = self.game.row_bytes
     for name in ("chunk_size", "examples_per_group"):
       if getattr(options, name) % devices:
         raise ValueError(f"{name}={getattr(options, name)} does not split over {devices} devices: "
                          f"use a multiple of {devices}.")
-    evaluated = nnx.merge(*nnx.split(model))
-    evaluated.eval()
-    graphdef, state = nnx.split(evaluated)
-    leaves, treedef = jax.tree.flatten(state)
-    self.leaves = parallel.replicate(leaves, self.mesh)
-    self._image_features = _image_program(graphdef, treedef)
-    # 'contrast' combines the logits on the host: its device program is the logits' one.
-    self._coalition_values = _values_program(
-        graphdef, treedef, "logit" if options.value == "contrast" else options.value)
-    self.num_image_players = model.config.num_image_embeddings
+    self.leaves = parallel.replicate(self.game.leaves, self.mesh)
     self.rows_sharding = parallel.data_sharded(self.mesh)
     self.replicated = parallel.replicated(self.mesh)
 
@@ -409,7 +249,8 @@ class Explainer:
     """MM-SHAP of every example of a batch.
 
     batch: tokenizer output (input_ids, attention_mask, token_type_ids, word_ids; (B, L)) and
-      pixel_values (B, H, W, 3) or image_features (B, N, D); `id` names examples in errors.
+      pixel_values (B, H, W, 3), or for the embedding game image_features (B, N, D); `id` names
+      examples in errors.
     targets (B,): classes to explain; None explains the class predicted on the full input.
     indices (B,): the examples' positions in their split; each sampled example draws from the key
       (options.seed, index), so estimates do not depend on how examples are batched.
@@ -440,7 +281,11 @@ class Explainer:
     if ("pixel_values" in batch) == ("image_features" in batch):
       raise ValueError("pass exactly one of pixel_values or image_features in the batch.")
     image_key = "pixel_values" if "pixel_values" in batch else "image_features"
+    if image_key != self.game.image_input and not isinstance(self.game, games.EmbeddingGame):
+      raise ValueError(f"this game reads {self.game.image_input}, not {image_key}.")
     inputs[image_key] = np.asarray(batch[image_key])
+    inputs["num_image_players"] = self.game.image_players(inputs)
+    num_slots = (num_slots, self.game.image_slots(length))  # Text slots, image slots.
     targets = None if targets is None else np.asarray(targets, np.int32)
     indices = np.arange(size) if indices is None else np.asarray(indices)
     group_size = self.options.examples_per_group
@@ -452,7 +297,8 @@ class Explainer:
           None if targets is None else targets[part], indices[part], progress, on_rows))
     result = Result.concatenate(results)
     if self.tokenizer is not None:
-      result.player_names = self._player_names(input_ids, player_of_token, num_text, num_slots)
+      result.player_names = self._player_names(input_ids, player_of_token, num_text,
+                                               inputs["num_image_players"], num_slots)
     return result
 
   # ------------------------------------------------------------------------------------------------
@@ -462,8 +308,9 @@ class Explainer:
     return call_rows(needed, devices=self.devices, cap=self.max_rows,
                      fits=self.budget // self.row_bytes(length))
 
-  def _explain_group(self, inputs, ids, num_slots, targets, indices, progress, on_rows) -> Result:
+  def _explain_group(self, inputs, ids, slots, targets, indices, progress, on_rows) -> Result:
     size = len(ids)
+    text_slots_, image_slots = slots
     # Padding tokens are out of attention and no player's: every coalition's forward skips them,
     # down to the group's longest title (rounded up to 8 tokens, for few compiled lengths).
     longest = int(np.max(np.flatnonzero(np.asarray(inputs["attention_mask"]).any(axis=0)),
@@ -471,18 +318,12 @@ class Explainer:
     keep = min(inputs["input_ids"].shape[1], -(-longest // TRIM_MULTIPLE) * TRIM_MULTIPLE)
     inputs = {k: v[:, :keep] if k in _TOKEN_FIELDS else v for k, v in inputs.items()}
     padded = {k: _pad_examples(v, self.options.examples_per_group) for k, v in inputs.items()}
-    if "pixel_values" in padded:
-      features = self._image_features(self.leaves,
-                                      _put(padded.pop("pixel_values"), self.rows_sharding))
-      padded["image_features"] = jax.device_put(features, self.replicated)
-    group = {k: v if isinstance(v, jax.Array) else _put(v, self.replicated)
-             for k, v in padded.items()}
-    num_image = group["image_features"].shape[1]
-    if num_image != self.num_image_players:
-      raise ValueError(f"image_features has {num_image} embeddings per example, the model "
-                       f"{self.num_image_players}.")
+    padded = self.game.prepare(self.leaves, padded, lambda a: _put(a, self.rows_sharding))
+    group = {k: jax.device_put(v, self.replicated) if isinstance(v, jax.Array)
+             else _put(v, self.replicated) for k, v in padded.items()}
+    num_image = inputs["num_image_players"]
     num_players = inputs["num_text_players"] + num_image
-    width = num_slots + num_image
+    width = text_slots_ + image_slots
     outcomes: list[tuple | None] = [None] * size
 
     def choose(slot: int, full_values: np.ndarray) -> tuple[int, int]:
@@ -506,7 +347,8 @@ class Explainer:
     batched = [s for s in range(size) if method in ("auto", "exact") and num_players[s] <= limit]
     if batched:
       describe = lambda slot: functools.partial(self._describe, ids[slot],
-                                                int(inputs["num_text_players"][slot]), num_image)
+                                                int(inputs["num_text_players"][slot]),
+                                                int(num_image[slot]))
       self._exact_rows(group, batched, num_players, width, choose, finish, describe, on_rows)
     for slot in sorted(set(range(size)) - set(batched)):
       self._sampled(group, slot, int(num_players[slot]), width, ids[slot], int(indices[slot]),
@@ -609,8 +451,8 @@ class Explainer:
     return contrast_weights(full_values, target) if self.options.value == "contrast" else None
 
   def _values(self, group, row_example: np.ndarray, masks: np.ndarray) -> jax.Array:
-    return self._coalition_values(self.leaves, group, _put(row_example, self.rows_sharding),
-                                  _put(masks, self.rows_sharding))
+    return self.game.values(self.leaves, group, _put(row_example, self.rows_sharding),
+                            _put(masks, self.rows_sharding))
 
   def _assemble(self, outcomes, num_text, num_image) -> Result:
     phi, exact, targets, predictions, full, empty, evaluations = (np.asarray(x) for x in
@@ -626,18 +468,20 @@ class Explainer:
     present = [i for i in range(num_text + num_image) if coalition >> i & 1]
     text = [i for i in present if i < num_text]
     image = [i - num_text for i in present if i >= num_text]
+    kind = "image embeddings" if isinstance(self.game, games.EmbeddingGame) else "image patches"
     return (f"example {example_id!r}, coalition {coalition} (present: text players {text} of "
-            f"{num_text}, image embeddings {image} of {num_image}; bit i of the index is player i, "
+            f"{num_text}, {kind} {image} of {num_image}; bit i of the index is player i, "
             "text players first)")
 
-  def _player_names(self, input_ids, player_of_token, num_text, num_slots) -> np.ndarray:
-    names = np.full((len(input_ids), num_slots + self.num_image_players), "", dtype=object)
+  def _player_names(self, input_ids, player_of_token, num_text, num_image, slots) -> np.ndarray:
+    names = np.full((len(input_ids), sum(slots)), "", dtype=object)
+    kind = "image" if isinstance(self.game, games.EmbeddingGame) else "patch"
     for row in range(len(input_ids)):
       for player in range(num_text[row]):
         tokens = input_ids[row][player_of_token[row] == player].tolist()
         names[row, player] = self.tokenizer.tokenizer.decode(tokens)
-      for image in range(self.num_image_players):
-        names[row, num_text[row] + image] = f"image {image}"
+      for image in range(num_image[row]):
+        names[row, num_text[row] + image] = f"{kind} {image}"
     return names.astype(str)
 
 

@@ -18,7 +18,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from jmmshap import builders, classifier, config_checks, input_pipeline, mmshap, plots, shapley, workdir
+from jmmshap import (builders, classifier, config_checks, games, input_pipeline, mmshap, plots,
+                     shapley, workdir)
 
 STAGE = "mmshap"
 
@@ -31,6 +32,9 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "", devices: i
   config_checks.one_of(problems, prefix, "value", config.get("value"), mmshap.VALUES)
   config_checks.one_of(problems, prefix, "text_players", config.get("text_players"),
                        mmshap.TEXT_GROUPINGS)
+  config_checks.one_of(problems, prefix, "image_players", config.get("image_players", "embeddings"),
+                       mmshap.IMAGE_PLAYERS)
+  config_checks.at_least(problems, config, prefix, 0, "patch_grid", why=" (0: the authors' rule)")
   cap = shapley.MAX_EXACT_PLAYERS
   if not 0 <= config.max_exact_players <= cap:
     problems.append(f"{prefix}max_exact_players={config.max_exact_players}: exact Shapley values "
@@ -40,6 +44,15 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "", devices: i
       problems.append(f"{prefix}method='exact' with max_text_players=0 (one player per word): a long "
                       f"title exceeds the exact cap of {cap} players; set max_text_players or use "
                       "method='auto'.")
+    elif config.get("image_players", "embeddings") == "patches":
+      grid = config.get("patch_grid", 0)
+      if not grid:
+        problems.append(f"{prefix}method='exact' with image_players='patches' and patch_grid=0: the "
+                        "authors' grid grows with the title and can exceed the exact cap of "
+                        f"{cap} players; set patch_grid or use method='auto'.")
+      elif config.max_text_players + grid ** 2 > cap:
+        problems.append(f"{prefix}method='exact': max_text_players={config.max_text_players} + "
+                        f"{grid ** 2} patches exceed the exact cap of {cap}.")
     elif num_image_embeddings is not None and config.max_text_players + num_image_embeddings > cap:
       problems.append(f"{prefix}method='exact': max_text_players={config.max_text_players} + "
                       f"{num_image_embeddings} image players exceed the exact cap of {cap}.")
@@ -58,6 +71,8 @@ def options_from_config(config: ml_collections.ConfigDict) -> mmshap.Options:
       max_exact_players=config.max_exact_players, budget=config.budget,
       chunk_size=config.chunk_size, memory_gb=config.get("memory_gb", 0.0),
       examples_per_group=config.examples_per_group,
+      image_players=config.get("image_players", "embeddings"),
+      patch_grid=config.get("patch_grid", 0), patch_fill=config.get("patch_fill", 0.0),
       seed=config.seed)
 
 
@@ -198,7 +213,7 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
         f"workdir first: python train.py --config=configs/mmbt.py:{config.variant} "
         f"--workdir={root}")
   trained = classifier.load_trained(root, classifier.MMBT)
-  model = mmshap.with_masking(trained.model, config.get("text_masking"), config.get("image_masking"))
+  model = games.with_masking(trained.model, config.get("text_masking"), config.get("image_masking"))
   options = options_from_config(config)
   explainer = mmshap.Explainer(model, options, tokenizer=trained.tokenizer)
   builder = builders.prepare_in_process_order(data_config(config, trained.config))
@@ -214,7 +229,8 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   summary = {
       "class_names": trained.class_names, "value": options.value, "target": config.target,
       "method": options.method, "max_exact_players": options.max_exact_players,
-      "text_players": options.text_players, "text_masking": model.config.text_masking,
+      "text_players": options.text_players, "image_players": options.image_players,
+      "patch_grid": options.patch_grid, "text_masking": model.config.text_masking,
       "image_masking": model.config.image_masking, "splits": {},
   }
   for split in config.get("splits", builders.EVAL_SPLITS):

@@ -35,7 +35,8 @@ from absl import app, flags
 import jax
 from flax import nnx
 
-from jmmshap import builders, classifier, input_pipeline, mmshap, mmshap_stage, toyshop, workdir
+from jmmshap import (builders, classifier, games, input_pipeline, mmshap_stage, toyshop,
+                     workdir)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,7 +54,8 @@ def _define_flags() -> None:
       "modality_table", False, "Also run each MMBT on title-only, image-only and empty inputs.")
 
 GROUP_ORDER = ("text", "both", "image")  # Plot and table order: designed share 1.0, 0.5, 0.0.
-MMSHAP_SETTINGS = ("value", "target", "text_masking", "image_masking", "text_players", "method")
+MMSHAP_SETTINGS = ("value", "target", "text_masking", "image_masking", "text_players", "image_players",
+                   "patch_grid", "method")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,8 +283,8 @@ def modality_table(root: str, split: str, batch_size: int = 100) -> list[dict[st
   """
   settings = mmshap_settings(root)
   trained = classifier.load_trained(root, classifier.MMBT)
-  model = mmshap.with_masking(trained.model, settings.get("text_masking"),
-                              settings.get("image_masking"))
+  model = games.with_masking(trained.model, settings.get("text_masking"),
+                             settings.get("image_masking"))
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -1,13 +1,105 @@
-"""Synthetic workdirs for the meta stage: base learners' logits and MM-SHAP shares written as the
-stages write them (not a test module itself)."""
+"""Synthetic inputs shared by tests (not a test module itself): a tiny MMBT with random weights and
+batches for it; a tiny HF CLIPModel checkpoint with random weights; workdirs for the meta stage whose base learners' logits and MM-SHAP shares are
+written as the stages write them."""
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import torch
+import transformers
+from flax import nnx
 
 from configs import meta as meta_configs
 from jmmshap import workdir
+from jmmshap.models import bert, clip_vision, mmbt
 from jmmshap.builders import EVAL_SPLITS
+
+CLS, SEP, MASK = 2, 3, 4  # The ids TitleTokenizer gives its special tokens.
+LENGTH = 8
+NUM_IMAGES = 2
+
+
+def _build_tiny_mmbt(rngs: nnx.Rngs) -> mmbt.MMBT:
+  text = bert.BertModel(bert.BertConfig(
+      vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+      max_position_embeddings=32), rngs=rngs)
+  vision = clip_vision.CLIPVisionModel(clip_vision.CLIPVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+      patch_size=8), rngs=rngs)
+  config = mmbt.MMBTConfig(num_image_embeddings=NUM_IMAGES, cls_token_id=CLS, sep_token_id=SEP,
+                           mask_token_id=MASK)
+  return mmbt.MMBT(config, text, vision, num_labels=3, rngs=rngs)
+
+
+def tiny_mmbt(seed: int = 0) -> mmbt.MMBT:
+  """A tiny MMBT with weights drawn by numpy: `eval_shape` gives the structure without running
+  (and, on a CPU, compiling) one initialiser per parameter, which took seconds."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: _build_tiny_mmbt(nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # Dropout streams, unused in eval.
+      return jax.random.wrap_key_data(np.zeros(leaf.shape + (2,), np.uint32))
+    name = path[-2].key
+    if name == "count":
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    if name == "scale":  # LayerNorm.
+      return jnp.ones(leaf.shape, leaf.dtype)
+    return jnp.asarray(rng.normal(scale=0.3, size=leaf.shape), leaf.dtype)
+
+  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+  model.eval()
+  return model
+
+
+def make_batch(words: list[list[int]], seed: int = 0, length: int = LENGTH) -> dict[str, np.ndarray]:
+  """Examples whose word i has words[b][i] tokens: [CLS] tokens.. [SEP] [PAD].."""
+  rng = np.random.default_rng(seed)
+  size = len(words)
+  input_ids = np.zeros((size, length), np.int32)
+  word_ids = np.full((size, length), -1, np.int32)
+  for row, pieces in enumerate(words):
+    tokens = [w for w, count in enumerate(pieces) for _ in range(count)]
+    input_ids[row, :len(tokens) + 2] = [CLS, *rng.integers(5, 40, len(tokens)), SEP]
+    word_ids[row, 1:len(tokens) + 1] = tokens
+  return {
+      "input_ids": input_ids, "attention_mask": (input_ids > 0).astype(np.int32),
+      "token_type_ids": np.zeros_like(input_ids), "word_ids": word_ids,
+      "pixel_values": rng.normal(size=(size, 16, 16, 3)).astype(np.float32),
+      "id": np.asarray([f"ex-{row}" for row in range(size)]),
+  }
+
+
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=32, patch_size=8)
+TINY_CLIP_VOCAB = 64
+TINY_CLIP_BOS = 3
+
+
+def save_tiny_hf_clip(folder: str, eos_token_id: int = 2, seed: int = 0) -> torch.nn.Module:
+  """A random-weight transformers CLIPModel saved to `folder`, returned in eval mode: non-trivial
+  LayerNorms, positions and token embeddings, a temperature other than the init's. eos_token_id=2 is the legacy
+  config (the end of text is the highest id, TINY_CLIP_VOCAB - 1), as in OpenAI's checkpoints."""
+  torch.manual_seed(seed)
+  text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              vocab_size=TINY_CLIP_VOCAB, max_position_embeddings=12, bos_token_id=TINY_CLIP_BOS,
+              eos_token_id=eos_token_id, pad_token_id=0)
+  model = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=text, vision_config=TINY_CLIP_VISION, projection_dim=8)).eval()
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.LayerNorm):
+        module.weight.normal_(1.0, 0.2)
+        module.bias.normal_(0.0, 0.2)
+    model.text_model.embeddings.position_embedding.weight.normal_()
+    model.text_model.embeddings.token_embedding.weight.normal_()  # Words that matter to the score.
+    model.vision_model.embeddings.position_embedding.weight.normal_()
+    model.logit_scale.fill_(1.3)
+  model.save_pretrained(folder)
+  return model
+
 
 CLASS_NAMES = ("lamp", "mug", "design/red-circle", "design/blue-square")
 

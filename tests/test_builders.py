@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 
 import ml_collections
@@ -66,6 +67,14 @@ def test_toyshop_round_trips_through_data_source(tmp_path):
       assert names[got["label"]] == example["label"]
       assert got["image"].dtype == np.uint8 and got["image"].shape == (32, 32, 3)
       np.testing.assert_array_equal(got["image"], np.asarray(Image.open(io.BytesIO(example["image"]))))
+
+
+def test_preparing_a_dataset_leaves_no_temporary_folder_behind(tmp_path, monkeypatch):
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  builders.prepare(_toyshop_config(tmp_path / "data"))
+  assert not list(scratch.iterdir())
 
 
 def test_toyshop_class_reliance_is_stored_with_the_prepared_data(tmp_path):

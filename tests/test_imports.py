@@ -10,12 +10,12 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Bottom to top; a module may import its own layer and the ones below (README, "Architecture").
 LAYERS = (
-    ("models", "models.bert", "models.clip_vision", "models.hf", "models.initializers",
-     "models.mmbt", "models.resnet", "shapley", "metrics", "parallel", "plots", "tokenizer",
-     "toyshop"),
+    ("models", "models.bert", "models.clip", "models.clip_vision", "models.hf",
+     "models.initializers", "models.mmbt", "models.resnet", "shapley", "metrics", "parallel",
+     "plots", "players", "tokenizer", "toyshop"),
     ("catalog", "builders", "input_pipeline"),
     ("config_checks", "workdir", "checkpoints"),
-    ("train_lib", "mmshap", "learner_outputs", "weighting"),
+    ("train_lib", "games", "mmshap", "learner_outputs", "weighting"),
     ("classifier", "clip_pretrain", "mmshap_stage", "meta", "report", "ensemble"),
     ("pipeline",),
 )

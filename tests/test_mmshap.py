@@ -11,66 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jmmshap import mmshap, shapley
+from jmmshap import games, mmshap, shapley
 from jmmshap.models import bert, clip_vision, mmbt
 from jmmshap.tokenizer import TitleTokenizer
 
-CLS, SEP, MASK = 2, 3, 4  # The ids TitleTokenizer gives its special tokens.
-LENGTH = 8
-NUM_IMAGES = 2
+from fakes import CLS, LENGTH, MASK, NUM_IMAGES, SEP, make_batch, tiny_mmbt  # noqa: E402
 # One shape for every unit test, so the explainer's forward compiles once for the whole file.
 OPTIONS = mmshap.Options(chunk_size=64, examples_per_group=2)
-
-
-def _build_tiny_mmbt(rngs: nnx.Rngs) -> mmbt.MMBT:
-  text = bert.BertModel(bert.BertConfig(
-      vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-      max_position_embeddings=32), rngs=rngs)
-  vision = clip_vision.CLIPVisionModel(clip_vision.CLIPVisionConfig(
-      hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-      patch_size=8), rngs=rngs)
-  config = mmbt.MMBTConfig(num_image_embeddings=NUM_IMAGES, cls_token_id=CLS, sep_token_id=SEP,
-                           mask_token_id=MASK)
-  return mmbt.MMBT(config, text, vision, num_labels=3, rngs=rngs)
-
-
-def tiny_mmbt(seed: int = 0) -> mmbt.MMBT:
-  """A tiny MMBT with weights drawn by numpy: `eval_shape` gives the structure without running
-  (and, on a CPU, compiling) one initialiser per parameter, which took seconds."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: _build_tiny_mmbt(nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # Dropout streams, unused in eval.
-      return jax.random.wrap_key_data(np.zeros(leaf.shape + (2,), np.uint32))
-    name = path[-2].key
-    if name == "count":
-      return jnp.zeros(leaf.shape, leaf.dtype)
-    if name == "scale":  # LayerNorm.
-      return jnp.ones(leaf.shape, leaf.dtype)
-    return jnp.asarray(rng.normal(scale=0.3, size=leaf.shape), leaf.dtype)
-
-  model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
-  model.eval()
-  return model
-
-
-def make_batch(words: list[list[int]], seed: int = 0, length: int = LENGTH) -> dict[str, np.ndarray]:
-  """Examples whose word i has words[b][i] tokens: [CLS] tokens.. [SEP] [PAD].."""
-  rng = np.random.default_rng(seed)
-  size = len(words)
-  input_ids = np.zeros((size, length), np.int32)
-  word_ids = np.full((size, length), -1, np.int32)
-  for row, pieces in enumerate(words):
-    tokens = [w for w, count in enumerate(pieces) for _ in range(count)]
-    input_ids[row, :len(tokens) + 2] = [CLS, *rng.integers(5, 40, len(tokens)), SEP]
-    word_ids[row, 1:len(tokens) + 1] = tokens
-  return {
-      "input_ids": input_ids, "attention_mask": (input_ids > 0).astype(np.int32),
-      "token_type_ids": np.zeros_like(input_ids), "word_ids": word_ids,
-      "pixel_values": rng.normal(size=(size, 16, 16, 3)).astype(np.float32),
-      "id": np.asarray([f"ex-{row}" for row in range(size)]),
-  }
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -347,7 +294,7 @@ def test_attention_masking_removes_masked_words_and_image_embeddings_from_view()
   """with_masking('attention', 'attention') explains the game of a model whose masked players are
   left out of attention (its reference built here from the config, not by with_masking), which is
   another game than the default [MASK] / zero masking."""
-  attending = mmshap.with_masking(tiny_mmbt(), "attention", "attention")
+  attending = games.with_masking(tiny_mmbt(), "attention", "attention")
   reference = tiny_mmbt()
   reference.config = dataclasses.replace(reference.config, text_masking="attention",
                                          image_masking="attention")
@@ -403,7 +350,7 @@ def test_a_row_of_a_bert_base_mmbt_is_bounded_as_the_measured_memory_says():
       clip_vision.CLIPVisionModel(clip_vision.CLIPVisionConfig(), rngs=nnx.Rngs(0)),
       num_labels=3, rngs=nnx.Rngs(0)))
   # 1,024 rows at 120 tokens took 15 GB on a CPU; the bound says about as much.
-  assert 14e9 < 1024 * mmshap.row_bytes(model, 120) < 17e9
+  assert 14e9 < 1024 * games.row_bytes(model, 120) < 17e9
   assert mmshap.memory_budget(2.5) == int(2.5 * 2**30)
 
 
@@ -423,7 +370,7 @@ def test_calls_stay_within_the_memory_budget_and_shrink_to_the_rows_a_group_need
   sizes.clear()
   length = np.asarray(batch["input_ids"]).shape[1]
   tight = mmshap.Explainer(model, dataclasses.replace(
-      OPTIONS, chunk_size=1024, memory_gb=20.5 * mmshap.row_bytes(model, length) / 2**30))
+      OPTIONS, chunk_size=1024, memory_gb=20.5 * games.row_bytes(model, length) / 2**30))
   tight.explain(batch)
   assert set(sizes) == {16} and len(sizes) == 5  # 20 rows fit: calls of 16.
 

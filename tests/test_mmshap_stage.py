@@ -4,6 +4,7 @@ target='label' explains the labelled class."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -145,3 +146,23 @@ def test_progress_shows_coalitions_per_second_and_the_time_left_from_the_first_c
   progress(500, 1000)
   progress.end_group()
   assert bar.postfix == "coalitions_s=50, eta=0:01:20"  # 8 examples x 500 rows at 50/s.
+
+
+def test_patch_players_run_through_the_stage_config(stage, tmp_path):
+  """image_players='patches' from the stage config: a 2x2 grid of pixel patches per example, the
+  whole MMBT per coalition, recorded in the summary; the values still add up to the prediction."""
+  trained_workdir, _ = stage
+  workdir = str(tmp_path / "work")
+  shutil.copytree(trained_workdir, workdir, ignore=lambda folder, names: ["mmshap"])
+  config = mmshap_config.get_config("toyshop")
+  config.update(max_examples=8, chunk_size=256, examples_per_group=8, image_players="patches",
+                patch_grid=2, splits=("test",))
+  summary = pipeline.run(config, workdir)
+  assert summary["image_players"] == "patches" and summary["patch_grid"] == 2
+  arrays = np.load(os.path.join(workdir, "mmshap", "mmshap_test.npz"))
+  assert ((arrays["player_modality"] == mmshap.IMAGE).sum(axis=1) == 4).all()
+  assert arrays["exact"].all()
+  np.testing.assert_allclose(np.nansum(arrays["phi"], 1), arrays["value_full"] - arrays["value_empty"],
+                             rtol=1e-4, atol=1e-4)
+  embeddings = np.load(os.path.join(trained_workdir, "mmshap", "mmshap_test.npz"))
+  assert not np.allclose(arrays["t_shap"], embeddings["t_shap"][:8])

@@ -146,11 +146,13 @@ class Attention(nnx.Module):
     self.v_proj = nnx.Linear(width, width, **layer_kwargs)
     self.out_proj = nnx.Linear(width, width, **layer_kwargs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """`mask` (B, 1, L, L) bool: which keys each query may attend to (None: all; the text tower
+    passes its causal and padding mask)."""
     batch, length, width = x.shape
     heads = lambda projected: projected.reshape(batch, length, self.num_heads, -1)
     attended = jax.nn.dot_product_attention(
-        heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), mask=mask)
     return self.out_proj(attended.reshape(batch, length, width))
 
 
@@ -178,8 +180,8 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = nnx.LayerNorm(width, epsilon=epsilon, **layer_kwargs)
     self.mlp = MLP(config, **layer_kwargs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.layer_norm1(x))
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    x = x + self.self_attn(self.layer_norm1(x), mask)
     return x + self.mlp(self.layer_norm2(x))
 
 
@@ -242,7 +244,7 @@ class CLIPVisionModel(nnx.Module):
 _OTHER_CLIP_TENSORS = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 
 
-def _checkpoint_targets(model: CLIPVisionModel
+def checkpoint_targets(model: CLIPVisionModel
                         ) -> dict[str, tuple[nnx.Variable, tuple[int, ...] | None]]:
   """HF tensor name (without `vision_model.`) -> (variable, torch-to-flax axis permutation)."""
   targets = {
@@ -277,7 +279,7 @@ def save_pretrained(model: CLIPVisionModel, path: str) -> None:
   """
   os.makedirs(path, exist_ok=True)
   tensors = {}
-  for name, (variable, permutation) in _checkpoint_targets(model).items():
+  for name, (variable, permutation) in checkpoint_targets(model).items():
     value = np.asarray(jax.device_get(variable[...]), np.float32)
     if permutation is not None:
       value = value.transpose(np.argsort(permutation))
@@ -309,7 +311,7 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any] | None = None, *,
 
   model = nnx.eval_shape(lambda: CLIPVisionModel(config, dtype=dtype, param_dtype=param_dtype,
                                                  rngs=nnx.Rngs(0)))
-  targets = _checkpoint_targets(model)
+  targets = checkpoint_targets(model)
   hf.check_keys(path, set(targets), set(tensors), ignored_prefixes=_OTHER_CLIP_TENSORS)
   hf.assign_tensors(path, tensors, targets)
 

@@ -1,0 +1,104 @@
+r"""MM-SHAP with the MMBT's image embeddings as players against pixel patches, on finished workdirs
+that share their base learners and differ only in `stages.mmshap.image_players` / `patch_grid`.
+
+  PYTHONPATH=. python scripts/compare_image_players.py --out=docs/benchmarks/image_players_toyshop.json \
+      --workdir=embeddings=W0 --workdir=patches=W1 --workdir=patches_2x2=W2
+
+Per variant: the MM-SHAP settings, per true class the mean T-SHAP (next to toyshop's designed share,
+and their mean absolute deviation, MAD, where the data has one), MM-SHAP seconds per example, the
+dataset T-SHAP the `mmshap_dataset` weighting used and every method's test metrics (W/meta). Per pair
+of variants: how the per-example T-SHAP agree on the split (Pearson, Spearman, mean |difference|).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from jmmshap import workdir
+
+flags.DEFINE_multi_string("workdir", None, "NAME=WORKDIR of a finished main job; repeatable.")
+flags.DEFINE_string("out", None, "The JSON to write.")
+flags.DEFINE_string("split", "test", "The split whose per-example shares are compared.")
+
+SETTINGS = ("image_players", "patch_grid", "text_players", "value", "method", "max_exact_players")
+
+
+def _read_json(root: str, stage: str, name: str) -> dict[str, Any]:
+  with open(workdir.path(root, stage, name)) as f:
+    return json.load(f)
+
+
+def variant(root: str, split: str) -> dict[str, Any]:
+  summary = _read_json(root, "mmshap", workdir.SUMMARY)
+  training = _read_json(root, "meta", "training.json")
+  metrics = _read_json(root, "meta", "metrics.json")["methods"]
+  per_class = summary["splits"][split]["per_class"]
+  designed = [c for c in per_class if c.get("designed_text_share") is not None
+              and c["t_shap_mean"] is not None]
+  timing = {s: round(v["seconds"] / v["count"], 4) for s, v in summary["splits"].items()}
+  return {
+      "workdir": root,
+      "settings": {key: summary.get(key) for key in SETTINGS},
+      "per_class_t_shap": {c["class"]: c["t_shap_mean"] for c in per_class},
+      "designed_text_share": {c["class"]: c["designed_text_share"] for c in designed} or None,
+      "mad_to_designed": (float(np.mean([abs(c["t_shap_mean"] - c["designed_text_share"])
+                                         for c in designed])) if designed else None),
+      "t_shap_mean": summary["splits"][split]["t_shap_mean"],
+      "num_exact": summary["splits"][split]["num_exact"],
+      "count": summary["splits"][split]["count"],
+      "seconds_per_example": timing,
+      "dataset_t_shap_used_by_weighting": training.get("mmshap_dataset", {}).get("dataset_t_shap"),
+      "test_metrics": {method: {k: m[k] for k in ("accuracy", "f1_macro", "f1_weighted")}
+                       for method, m in metrics.items()},
+  }
+
+
+def _shares(root: str, split: str) -> dict[str, float]:
+  with np.load(workdir.path(root, "mmshap", workdir.shares_file(split))) as arrays:
+    return dict(zip(arrays["ids"].astype(str), arrays["t_shap"]))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+  return np.argsort(np.argsort(values)).astype(np.float64)
+
+
+def agreement(first: str, second: str, split: str) -> dict[str, Any]:
+  a, b = _shares(first, split), _shares(second, split)
+  ids = sorted(i for i in set(a) & set(b) if np.isfinite(a[i]) and np.isfinite(b[i]))
+  x, y = np.asarray([a[i] for i in ids]), np.asarray([b[i] for i in ids])
+  return {"examples": len(ids), "pearson": float(np.corrcoef(x, y)[0, 1]),
+          "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1]),
+          "mean_abs_difference": float(np.mean(np.abs(x - y)))}
+
+
+def compare(named: Sequence[tuple[str, str]], split: str) -> dict[str, Any]:
+  return {
+      "split": split,
+      "variants": {name: variant(root, split) for name, root in named},
+      "agreement": {f"{n1} vs {n2}": agreement(r1, r2, split)
+                    for (n1, r1), (n2, r2) in itertools.combinations(named, 2)},
+  }
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  named = [tuple(item.split("=", 1)) for item in flags.FLAGS.workdir]
+  if any(len(pair) != 2 for pair in named):
+    raise app.UsageError("--workdir takes NAME=WORKDIR.")
+  report = compare(named, flags.FLAGS.split)
+  os.makedirs(os.path.dirname(os.path.abspath(flags.FLAGS.out)), exist_ok=True)
+  with open(flags.FLAGS.out, "w") as f:
+    json.dump(report, f, indent=1)
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
