@@ -15,8 +15,9 @@ def from_pretrained(path: str, **kwargs: Any) -> tuple[Any, Any]:
   """Builds the Flax model a checkpoint describes and loads its weights: returns (model, config).
 
   `path` is a Hugging Face folder (config.json + model.safetensors), or its hub name, of a BertModel /
-  BertForSequenceClassification, CLIPModel / CLIPVisionModel or ResNetModel /
-  ResNetForImageClassification, or a torchvision ResNet state-dict file. Keyword arguments go to the
+  BertForSequenceClassification, CLIPModel / CLIPVisionModel (the vision tower, as the MMBT uses it;
+  `clip.from_pretrained` imports a whole CLIPModel) or ResNetModel / ResNetForImageClassification, or
+  a torchvision ResNet state-dict file. Keyword arguments go to the
   model file's own `from_pretrained` (e.g. `num_labels`, `dtype`, `param_dtype`, `rngs`).
   """
   path = hf.resolve_path(path)
