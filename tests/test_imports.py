@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     ("models", "models.bert", "models.clip_vision", "models.hf", "models.initializers",
      "models.mmbt", "models.resnet", "shapley", "metrics", "parallel", "plots", "tokenizer",
-     "toyshop"),
+     "toyshop", "launch"),
     ("catalog", "builders", "input_pipeline"),
     ("config_checks", "workdir", "checkpoints"),
     ("train_lib", "mmshap", "learner_outputs", "weighting"),
