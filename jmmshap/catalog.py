@@ -1,11 +1,11 @@
 """Reading a product CSV and its images: every row checked, the bad ones set apart with a reason.
 
-Shared by the CSV builders (`builders.FashionProducts`, `builders.ProductFolder`) and by anything
-else that reads a catalogue the way they do (scripts/baselines.py). A row is bad when it cannot be
-an example whatever the images hold (wrong field count, bytes that are not UTF-8, unknown split,
-empty or duplicate id, empty title or label) or when its image is missing, unreadable or corrupt.
-Bad rows are reported with their CSV line; what happens to them (stop or skip) is the
-`on_bad_row` policy of the caller.
+Shared by the CSV builders (`builders.FashionProducts`, `builders.ProductFolder`), by the predictor
+(`read_products`: new products, labels optional) and by anything else that reads a catalogue the way
+they do (scripts/baselines.py). A row is bad when it cannot be an example whatever the images hold
+(wrong field count, bytes that are not UTF-8, unknown split, empty or duplicate id, empty title or
+label) or when its image is missing, unreadable or corrupt. Bad rows are reported with their CSV
+line; what happens to them (stop or skip) is the `on_bad_row` policy of the caller.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Row:
   line: int
   id: str
   title: str
-  label: str
+  label: str | None  # None: a catalogue read without labels (`read_products` of an unlabelled CSV).
   split: str | None
   image_path: str
 
@@ -61,6 +61,7 @@ class Catalog:
   csv_path: str
   rows: list[Row]
   bad_rows: list[BadRow]
+  labelled: bool = True  # Whether the rows carry labels.
 
 
 def _printable(text: str) -> str:
@@ -157,9 +158,14 @@ def _records(lines: list[str], start: int):
     position = first + 1  # Read again from the line after the bad one, with a fresh reader.
 
 
-def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_column: str,
-                 split_column: str | None, image_column: str | None, image_dir: str) -> Catalog:
-  """Parses every row, setting apart the ones that cannot be an example whatever the images hold."""
+def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_column: str | None,
+                 split_column: str | None, image_column: str | None, image_dir: str,
+                 label_optional: bool = False) -> Catalog:
+  """Parses every row, setting apart the ones that cannot be an example whatever the images hold.
+
+  label_column None reads no labels; with `label_optional` a header without `label_column` reads
+  none either (new products to classify), and one with it reads them as a training catalogue does.
+  """
   if not os.path.isfile(csv_path):
     raise CsvFormatError(f"{csv_path}: no such CSV file. Point the data config at the product CSV.")
   with open(csv_path, "rb") as f:
@@ -176,7 +182,11 @@ def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_colum
   if any(_printable(name) != name for name in header):
     raise CsvFormatError(f"{csv_path}, line 1: the header is not valid UTF-8; re-save the file as UTF-8.")
   header = [name.strip() for name in header]
-  wanted = {"id": id_column, "text": text_column, "label": label_column}
+  if label_optional and label_column not in header:
+    label_column = None
+  wanted = {"id": id_column, "text": text_column}
+  if label_column:
+    wanted["label"] = label_column
   if split_column:
     wanted["split"] = split_column
   if image_column:
@@ -215,7 +225,7 @@ def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_colum
       reason = f"duplicate id {values['id']!r} (first on line {first_line_of_id[values['id']]})"
     elif is_blank(values["text"]):
       reason = f"empty title in column {text_column!r}"
-    elif is_blank(values["label"]):
+    elif label_column and is_blank(values["label"]):
       reason = f"empty label in column {label_column!r}"
     elif image_column and not values["image"]:
       reason = f"empty image path in column {image_column!r}"
@@ -229,9 +239,19 @@ def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_colum
                              _printable(values["id"]), csv_path, reason))
       continue
     first_line_of_id[values["id"]] = line
-    rows.append(Row(line, values["id"], values["text"], values["label"], split, image_path))
-  _warn_about_labels_differing_in_case(csv_path, rows)
-  return Catalog(csv_path, rows, bad_rows)
+    rows.append(Row(line, values["id"], values["text"], values.get("label"), split, image_path))
+  if label_column:
+    _warn_about_labels_differing_in_case(csv_path, rows)
+  return Catalog(csv_path, rows, bad_rows, labelled=bool(label_column))
+
+
+def read_products(csv_path: str, *, id_column: str, text_column: str, image_column: str | None,
+                  image_dir: str, label_column: str | None = None) -> Catalog:
+  """New products to classify: id, title and image of every row, checked as a training catalogue's
+  rows are (containment included); labels only where the header has `label_column`."""
+  return read_catalog(csv_path, id_column=id_column, text_column=text_column,
+                      label_column=label_column, split_column=None, image_column=image_column,
+                      image_dir=image_dir, label_optional=True)
 
 
 def _warn_about_labels_differing_in_case(csv_path: str, rows: list[Row]) -> None:
@@ -266,6 +286,11 @@ def encoded_rgb_image(path: str) -> tuple[bytes, bool]:
     raise ImageProblem("missing image file") from None
   except OSError as e:
     raise ImageProblem(f"unreadable image file ({e.strerror})") from None
+  return encoded_rgb_bytes(data)
+
+
+def encoded_rgb_bytes(data: bytes) -> tuple[bytes, bool]:
+  """`encoded_rgb_image` of a file's bytes already read (an image handed over in memory)."""
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()

@@ -343,6 +343,23 @@ def load_trained(root: str, stage: ClassifierStage) -> TrainedStage:
                       class_names, preprocess)
 
 
+def logits_fn(trained: TrainedStage, stage: ClassifierStage, mesh: jax.sharding.Mesh
+              ) -> Callable[[input_pipeline.RecordSource, int], dict[str, np.ndarray]]:
+  """`(records, batch_size) -> evaluate(...)` of a restored stage on any records (id, title, image,
+  label: -1 when unknown): the program and batching the stage evaluated its splits with, so the
+  same products get the same logits. Compiled once per batch shape."""
+  graphdef, params, model_state = nnx.split(trained.model, nnx.Param, ...)
+  params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  eval_step = jax.jit(make_eval_step(graphdef, stage.inputs),
+                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
+
+  def logits(source: input_pipeline.RecordSource, batch_size: int) -> dict[str, np.ndarray]:
+    return evaluate(eval_step, params, model_state, source, trained.preprocess, batch_size, mesh)
+
+  return logits
+
+
 # ---------------------------------------------------------------------------------------------------
 # The stage.
 

@@ -3,6 +3,7 @@
 Methods (`W/meta/metrics.json`): each base learner alone (text, image, mmbt), `average` (the mean
 of their softmax outputs), and one meta-MLP per `meta.weighting` (`weighting.py`): stacked,
 mmshap_dataset, mmshap_sample. The meta-MLPs train on validation (`meta.py`); every number is on test.
+`predictions_test.npz` keeps every method's test probabilities by example id.
 The pipeline (`pipeline.py`) has run the upstream stages before this one reads their outputs.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import ml_collections
 import numpy as np
@@ -55,6 +57,29 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def learner_probabilities(logits: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Each base learner's softmax and their mean ('average'): the methods before the meta-models,
+  for a split here and for new products in the predictor."""
+  probabilities = {learner: _softmax(logits[learner]) for learner in learner_outputs.LEARNERS}
+  probabilities["average"] = np.mean([probabilities[learner] for learner in learner_outputs.LEARNERS],
+                                     axis=0)
+  return probabilities
+
+
+def write_test_predictions(directory: str, outputs: learner_outputs.SplitOutputs,
+                           probabilities: Mapping[str, np.ndarray]) -> None:
+  """`predictions_test.npz`: every method's test probabilities by example id, so that what the
+  predictor says about the same products can be held against what this stage reported."""
+  if not workdir.is_writer():
+    return
+  methods = list(probabilities)
+  arrays = {"ids": outputs.ids, "labels": outputs.labels,
+            "class_names": np.asarray(outputs.class_names), "methods": np.asarray(methods),
+            "probabilities": np.stack([probabilities[m] for m in methods]).astype(np.float32)}
+  workdir.write_atomically(os.path.join(directory, workdir.PREDICTIONS_TEST),
+                           lambda partial: np.savez(partial, **arrays))
+
+
 def _validation_scores(member_probabilities: np.ndarray, labels: np.ndarray,
                        holdout: np.ndarray, num_classes: int) -> dict | None:
   """Metrics on the held-out validation examples, each predicted by the member that held it out."""
@@ -87,10 +112,7 @@ def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
       shares["test"] = learner_outputs.load_shares(root, outputs["test"])
 
   test_labels = outputs["test"].labels
-  probabilities = {learner: _softmax(outputs["test"].logits[learner])
-                   for learner in learner_outputs.LEARNERS}
-  probabilities["average"] = np.mean([probabilities[learner] for learner in learner_outputs.LEARNERS],
-                                     axis=0)
+  probabilities = learner_probabilities(outputs["test"].logits)
   training = {}
   for name in weightings:
     data = weighting.method_data(outputs, shares, name, meta_config)
@@ -120,6 +142,7 @@ def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
     learners[learner] = report.describe_learner(
         workdir.read_json(saved) if os.path.isfile(saved) else None)
   report.write(directory, scores, predictions, best, shares, outputs, training, learners)
+  write_test_predictions(directory, outputs["test"], probabilities)
   for method in methods:
     logging.info("meta test %s: %s", method, json.dumps(scores["methods"][method]))
   return scores

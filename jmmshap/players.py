@@ -130,6 +130,14 @@ def patch_map(height: int, width: int, grid: int) -> np.ndarray:
   return np.where(inside, rows[:, None] * grid + cols[None, :], -1).astype(np.int32)
 
 
+def patch_boxes(height: int, width: int, grid: int) -> list[tuple[float, float, float, float]]:
+  """The (top, left, bottom, right) photo fractions of each patch of `patch_map`, row-major."""
+  patch_map(height, width, grid)  # Checks that the grid fits.
+  cell_h, cell_w = height // grid, width // grid
+  return [(r * cell_h / height, c * cell_w / width, (r + 1) * cell_h / height,
+           (c + 1) * cell_w / width) for r in range(grid) for c in range(grid)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Values.
 

@@ -35,9 +35,11 @@ independent of the sizes of every split and class, and the same spec gives byte-
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import io
+import os
 from collections.abc import Iterator
 from typing import Literal
 
@@ -347,3 +349,30 @@ def examples(spec: ToyshopSpec, split: str) -> Iterator[dict]:
           "image": _png(_image(draws, noise, recipe, spec.image_size)),
           "label": recipe.info.name,
       }
+
+
+PRODUCTS_CSV = "products.csv"
+IMAGES = "images"
+
+
+def write_products(directory: str, spec: ToyshopSpec, split: str = "test", *,
+                   labels: bool = False, limit: int = 0, id_prefix: str = "") -> str:
+  """A split's examples as a product folder: `products.csv` (id, title, image[, label]) and
+  `images/{id}.png` (lossless, so a product's pixels are the dataset's), the first `limit` (0:
+  all), ids prefixed by `id_prefix`. New products for a trained workdir: the same class sizes with
+  another seed. Returns the CSV's path."""
+  os.makedirs(os.path.join(directory, IMAGES), exist_ok=True)
+  path = os.path.join(directory, PRODUCTS_CSV)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["id", "title", "image"] + (["label"] if labels else []))
+    for count, example in enumerate(examples(spec, split)):
+      if limit and count == limit:
+        break
+      product_id = f"{id_prefix}{example['id']}"
+      image = f"{product_id}.png"
+      with open(os.path.join(directory, IMAGES, image), "wb") as image_file:
+        image_file.write(example["image"])
+      writer.writerow([product_id, example["title"], image]
+                      + ([example["label"]] if labels else []))
+  return path

@@ -104,8 +104,7 @@ def method_data(outputs: Mapping[str, SplitOutputs], shares: Mapping[str, Shares
   method = METHOD_OF_WEIGHTING[weighting]
   labels = {split: outputs[split].labels for split in EVAL_SPLITS}
   if weighting == "none":
-    features = {split: weighted_features(outputs[split].logits, 1.0, 1.0,
-                                         mmbt_weight=meta_config.mmbt_weight)
+    features = {split: split_features(weighting, outputs[split].logits, meta_config)[0]
                 for split in EVAL_SPLITS}
     return MethodData(method, weighting, features, labels, {})
   mean_shares = dataset_shares(shares["validation"])
@@ -113,15 +112,30 @@ def method_data(outputs: Mapping[str, SplitOutputs], shares: Mapping[str, Shares
           "dataset_examples": int(shares["validation"].defined.sum())}
   features = {}
   for split in EVAL_SPLITS:
-    if weighting == "dataset":
-      text_share, image_share = mean_shares
-    else:
-      text_share, image_share, undefined = sample_shares(shares[split], mean_shares, split)
+    features[split], undefined = split_features(weighting, outputs[split].logits, meta_config,
+                                                mean_shares, shares.get(split), split)
+    if weighting == "sample":
       used[f"undefined_{split}"] = undefined
-      if undefined:
-        logging.warning("meta %s: %d %s examples have undefined MM-SHAP shares; they are weighted "
-                        "with the dataset shares", method, undefined, split)
-    features[split] = weighted_features(outputs[split].logits, text_share, image_share,
-                                        mmbt_weight=meta_config.mmbt_weight,
-                                        append_shares=meta_config.append_shares)
   return MethodData(method, weighting, features, labels, used)
+
+
+def split_features(weighting: str, logits: Mapping[str, np.ndarray],
+                   meta_config: ml_collections.ConfigDict,
+                   mean_shares: tuple[float, float] | None = None, shares: Shares | None = None,
+                   split: str = "") -> tuple[np.ndarray, int]:
+  """One weighting's meta-features of a set of examples (a split, or new products: the predictor
+  calls this too, so they are made as the meta-model was trained), and how many examples fell back
+  to the dataset shares. `mean_shares`: the validation means ('dataset', 'sample'); `shares`: the
+  examples' own ('sample')."""
+  if weighting == "none":
+    return weighted_features(logits, 1.0, 1.0, mmbt_weight=meta_config.mmbt_weight), 0
+  undefined = 0
+  if weighting == "dataset":
+    text_share, image_share = mean_shares
+  else:
+    text_share, image_share, undefined = sample_shares(shares, mean_shares, split)
+    if undefined:
+      logging.warning("meta %s: %d %s examples have undefined MM-SHAP shares; they are weighted "
+                      "with the dataset shares", METHOD_OF_WEIGHTING[weighting], undefined, split)
+  return weighted_features(logits, text_share, image_share, mmbt_weight=meta_config.mmbt_weight,
+                           append_shares=meta_config.append_shares), undefined

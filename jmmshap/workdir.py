@@ -12,8 +12,12 @@ Every module asks here where a stage's files are; none spells another stage's fi
     best/                the model selected on validation (eval, later stages)
     metrics.json         {"validation": {...}, "test": {...}} (meta: {"methods": {...}})
     logits_{split}.npz   logits, labels, ids, class_names (classifier stages)
+    predictions_test.npz every method's test probabilities by id (meta)
     mmshap_{split}.npz   per-example MM-SHAP (the mmshap stage), summary.json
     export/              the pretrained vision tower as a Hugging Face folder (clip_pretrain)
+
+The predictor's output folder (`predict.py --output=OUT`): predictions.csv, summary.json,
+metrics.json (with labels), bad_rows.json, mmshap.npz, explanations.html, explanations/*.png.
 
 A config may name an earlier stage's output before the workdir is chosen: `workdir:<stage>/<path>`
 (e.g. the fashion MMBT's `init_from_image=workdir:clip_pretrain/export`).
@@ -56,6 +60,14 @@ FINGERPRINT = "fingerprint.json"
 LOCK = ".lock"
 TRAINING = "training.json"
 REPORT = "report.md"
+PREDICTIONS_TEST = "predictions_test.npz"  # The meta stage's test probabilities, per method.
+
+# What the predictor (`jmmshap/predictor.py`, predict.py) writes into its output folder.
+PREDICTIONS = "predictions.csv"
+BAD_ROWS = "bad_rows.json"
+EXPLANATIONS_HTML = "explanations.html"
+EXPLANATION_PNGS = "explanations"  # One PNG per product.
+SHAPLEY_VALUES = "mmshap.npz"  # Every explained product's Shapley values, as the mmshap stage's.
 
 PREFIX = "workdir:"
 # The settings that may hold a `workdir:` path: the checkpoints a stage starts from.
@@ -134,6 +146,13 @@ def write_text(target: str, text: str) -> None:
   def write(partial):
     with open(partial, "w") as f:
       f.write(text)
+  write_atomically(target, write)
+
+
+def write_bytes(target: str, data: bytes) -> None:
+  def write(partial):
+    with open(partial, "wb") as f:
+      f.write(data)
   write_atomically(target, write)
 
 
@@ -216,6 +235,18 @@ def fingerprint(config: ml_collections.ConfigDict, root: str, *, data: str,
   settings = flatten(json.loads(resolve_paths(config, root).to_json()))
   return {"config": {key: value for key, value in settings.items() if key not in UNFINGERPRINTED},
           "data": data, "class_names": list(class_names), "reads": dict(sorted(reads.items()))}
+
+
+def settings_differences(root: str, stage: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Settings in which the config a stage's folder was built with (its fingerprint) differs from
+  `config`; none when the folder has no fingerprint."""
+  saved = read_fingerprint(root, stage)
+  if saved is None:
+    return []
+  current = fingerprint(config, root, data="", class_names=(), reads={})["config"]
+  return [f"{key}: {saved['config'][key]!r} there, {current[key]!r} in the config"
+          for key in sorted(set(saved["config"]) & set(current))
+          if saved["config"][key] != current[key]]
 
 
 def read_fingerprint(root: str, stage: str) -> dict[str, Any] | None:

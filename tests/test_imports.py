@@ -12,16 +12,16 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     ("models", "models.bert", "models.clip", "models.clip_vision", "models.hf",
      "models.initializers", "models.mmbt", "models.resnet", "shapley", "metrics", "parallel",
-     "plots", "players", "tokenizer", "toyshop"),
-    ("catalog", "builders", "input_pipeline"),
+     "plots", "players", "tokenizer", "toyshop", "explanations", "launch"),
+    ("catalog", "builders", "input_pipeline", "products"),
     ("config_checks", "workdir", "checkpoints"),
     ("train_lib", "games", "mmshap", "learner_outputs", "weighting"),
     ("classifier", "clip_pretrain", "mmshap_stage", "meta", "report", "ensemble"),
-    ("pipeline",),
+    ("pipeline", "predictor"),
 )
 LAYER = {module: depth for depth, modules in enumerate(LAYERS) for module in modules}
 # Optional dependencies, imported where they are needed so that the package works without them.
-OPTIONAL = {"torch"}
+OPTIONAL = {"torch", "pandas"}
 
 
 def _modules() -> dict[str, ast.Module]:
