@@ -37,6 +37,11 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
         f"meta.weighting includes 'sample', which needs MM-SHAP shares of every validation and test "
         f"example, but stages.mmshap.max_examples={mmshap_config.max_examples} explains only the "
         "first ones: set stages.mmshap.max_examples=0 or drop 'sample' from meta.weighting.")
+  if "sample" in weightings and mmshap_config is not None and mmshap_config.get("target") == "label":
+    problems.append(
+        "meta.weighting includes 'sample' but stages.mmshap.target='label': each test example's "
+        "weights would come from explaining its true label, so the test score would read the test "
+        "labels. Use stages.mmshap.target='predicted' or drop 'sample' from meta.weighting.")
   config_checks.positive(problems, config.meta, f"{prefix}meta.", "num_steps", "hidden_size",
                          "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
   every, checkpoint_every = config.meta.eval_every_steps, config.meta.checkpoint_every_steps

@@ -53,6 +53,26 @@ def test_sample_weighting_without_every_examples_shares_is_refused():
   pipeline.validate(config, num_devices=2)
 
 
+def test_sample_weighting_from_explained_labels_is_refused_as_a_test_label_leak():
+  config = meta.get_config()
+  config.stages.mmshap.target = "label"
+  assert "would read the test labels" in _problems(config)
+  config.meta.weighting = "none,dataset"
+  pipeline.validate(config, num_devices=2)
+
+
+def test_exact_patch_players_need_a_fixed_grid_within_the_cap():
+  config = mmshap.get_config()
+  config.update(method="exact", max_text_players=4, image_players="patches")
+  assert "image_players='patches' and patch_grid=0" in _problems(config)
+  config.patch_grid = 5
+  assert "max_text_players=4 + 25 patches exceed the exact cap of 24" in _problems(config)
+  config.patch_grid = 4
+  pipeline.validate(config, num_devices=2)
+  config.image_players = "pixels"
+  assert "image_players='pixels'" in _problems(config)
+
+
 def test_batch_size_that_does_not_split_over_the_devices_is_refused():
   config = text.get_config()
   config.batch_size = 60
