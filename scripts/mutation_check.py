@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COPIED = ("jmmshap", "tests", "configs", "train.py", "pyproject.toml")
+COPIED = ("jmmshap", "tests", "configs", "train.py", "predict.py", "pyproject.toml", "README.md")
 PYTEST = ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider")
 
 
@@ -51,6 +51,7 @@ class Mutant:
 
 
 SHAPLEY, MMSHAP = ("tests/test_shapley.py",), ("tests/test_mmshap.py",)
+GAMES = ("tests/test_games.py", "tests/test_players.py")
 WEIGHTING, META, ENSEMBLE = ("tests/test_weighting.py",), ("tests/test_meta.py",), ("tests/test_ensemble.py",)
 CLASSIFIER, TRAIN_LIB = ("tests/test_classifier.py",), ("tests/test_train_lib.py",)
 METRICS, INPUT = ("tests/test_metrics.py",), ("tests/test_input_pipeline.py",)
@@ -81,7 +82,7 @@ MUTANTS = (
            "A player's permutation gain measured against the empty coalition, not its predecessor.",
            SHAPLEY),
     # MM-SHAP.
-    Mutant("t_shap_from_signed_phi", "jmmshap/mmshap.py",
+    Mutant("t_shap_from_signed_phi", "jmmshap/players.py",
            "magnitude = np.abs(np.where(modality == NO_PLAYER, 0.0, np.asarray(phi, np.float64)))",
            "magnitude = np.where(modality == NO_PLAYER, 0.0, np.asarray(phi, np.float64))",
            "T-SHAP from signed Shapley values instead of their absolute mass.", MMSHAP),
@@ -94,7 +95,7 @@ MUTANTS = (
            'if method in ("auto", "exact") and num_players[s] <= limit]',
            'if method != "kernel" and num_players[s] <= limit]',
            "method='permutation' silently computes small games exactly.", MMSHAP),
-    Mutant("attention_masking_option_ignored", "jmmshap/mmshap.py",
+    Mutant("attention_masking_option_ignored", "jmmshap/games.py",
            "  if changes:\n    model.config",
            "  if False:\n    model.config",
            "with_masking leaves the trained masking in place (attention masking never applied).",
@@ -103,6 +104,23 @@ MUTANTS = (
            "target = prediction if targets is None else int(targets[slot])",
            "target = prediction",
            "The explainer explains the prediction even when targets are given.", MMSHAP),
+    Mutant("authors_grid_rounded_down", "jmmshap/players.py",
+           "return max(1, math.ceil(math.sqrt(num_tokens)))",
+           "return max(1, math.isqrt(num_tokens))",
+           "The patch grid is floor(sqrt(tokens)) a side instead of the authors' ceiling.", GAMES),
+    Mutant("patches_numbered_column_major", "jmmshap/players.py",
+           "rows[:, None] * grid + cols[None, :]",
+           "cols[None, :] * grid + rows[:, None]",
+           "Patches numbered down the columns, not along the rows as the authors do.", GAMES),
+    Mutant("patch_fill_ignored", "jmmshap/games.py",
+           "jnp.where(keep[..., None], pixels, jnp.asarray(fill, pixels.dtype))",
+           "jnp.where(keep[..., None], pixels, jnp.zeros((), pixels.dtype))",
+           "A masked patch is always 0, whatever fill says.", GAMES),
+    Mutant("patch_text_masking_token_ignored", "jmmshap/games.py",
+           "input_ids = jnp.where(text_keep, input_ids, mask_token_id)",
+           "input_ids = jnp.where(text_keep, input_ids, input_ids)",
+           "A patch game's masked text tokens stay as they are (token masking never applied).",
+           GAMES),
     Mutant("target_label_explains_prediction", "jmmshap/mmshap_stage.py",
            '  if config.target == "label":\n    return labels',
            '  if config.target == "label":\n    return None',
