@@ -305,21 +305,22 @@ def encoded_rgb_bytes(data: bytes) -> tuple[bytes, bool]:
 
 
 def images_fingerprint(image_dir: str, rows: list[Row]) -> str:
-  """A digest of the rows' image files as they are now: name, size and modification time of each
-  (missing ones too), so that a prepared dataset is rebuilt when a photo is replaced or restored.
+  """A digest of the bytes of the rows' image files (missing ones too), so that a prepared dataset
+  is rebuilt when a photo is replaced or restored, and is still reused when the catalogue is only
+  copied or re-mounted (new modification times, same bytes).
 
-  Cheaper than hashing every byte: one `stat` per image (docs: about 0.3 s for the 44k-photo
-  fashion catalogue); a file rewritten with the same size within the filesystem's timestamp
-  resolution would go unnoticed.
+  Hashing every byte costs about 1 s for the 44k-photo fashion catalogue (63 MB, warm cache;
+  docs/BENCHMARKS.md), which a dataset preparation or a rerun can afford.
   """
   root = os.path.realpath(image_dir)
   digest = hashlib.sha256()
   for row in sorted(rows, key=lambda row: row.image_path):
+    name = os.path.relpath(row.image_path, root)
     try:
-      stat = os.stat(row.image_path)
-      entry = f"{os.path.relpath(row.image_path, root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
+      with open(row.image_path, "rb") as image_file:
+        entry = f"{name}\t{hashlib.sha256(image_file.read()).hexdigest()}\n"
     except OSError:
-      entry = f"{os.path.relpath(row.image_path, root)}\tmissing\n"
+      entry = f"{name}\tmissing\n"
     digest.update(entry.encode("utf-8", "surrogateescape"))
   return digest.hexdigest()
 

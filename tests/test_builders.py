@@ -568,6 +568,23 @@ def test_a_replaced_photo_prepares_the_dataset_again(tmp_path):
   assert stored.shape == (6, 10, 3) and stored[..., 1].mean() > 200
 
 
+def test_prepared_data_follows_image_bytes_not_modification_times(tmp_path):
+  folder = _write_folder(tmp_path / "shop", _base_rows())
+  config = _folder_config(folder, tmp_path / "data", split_column="split")
+  first = builders.prepare(config)
+  photo = os.path.join(folder, "images", "cat0.jpg")
+  stat = os.stat(photo)
+  os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**12))  # A copy: same bytes, new time.
+  assert builders.prepare(config).data_dir == first.data_dir
+  other = _jpeg((0, 250, 0))  # Same size, same time, other bytes (zeros after the end marker).
+  assert len(other) <= stat.st_size
+  with open(photo, "wb") as f:
+    f.write(other + bytes(stat.st_size - len(other)))
+  os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**12))
+  assert os.stat(photo).st_size == stat.st_size
+  assert builders.prepare(config).data_dir != first.data_dir
+
+
 def test_invalid_on_bad_row_is_an_error(tmp_path):
   folder = _write_folder(tmp_path / "shop", _base_rows())
   with pytest.raises(ValueError, match="on_bad_row='ignore'"):
