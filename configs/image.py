@@ -1,10 +1,21 @@
-r"""Image learner: a ResNet classifier on the product photo.
+r"""Image learner: a ResNet classifier on the product photo (or a CLIP vision tower with a linear head).
 
 Variants: toyshop (default; a narrow ResNet-18 with a small-image stem, seconds on a CPU), fashion,
 taimd17k. Depth 18/34/50/101/152 is `--config.model.depth`; `--config.model.width=64` gives the
 standard widths (ResNet-152: `--config.model.depth=152 --config.model.width=64`), and
 `--config.init_from=DIR` starts from a HF ResNet folder or a torchvision state-dict file.
-`--config.random_flip=True` mirrors training photos left-right at random (seeded per step).
+
+Options for a stronger learner, each off by default (docs: README, "The image learner's options"):
+  --config.random_flip=True --config.random_crop=True   seeded per step, resumable; no colour changes
+      (crop_area, crop_aspect_ratio: the ranges the crops are drawn from)
+  --config.label_smoothing=0.1                          smoothed targets in the training loss
+  --config.ema_decay=0.999                              validation, best/, eval and the logits use a
+                                                        moving average of the params
+  --config.eval_flip_average=True                       logits averaged over each photo and its mirror
+  --config.model.kind=clip --config.init_from=workdir:clip_pretrain/export
+                                                        the clip_pretrain stage's tower + a linear head
+A long schedule is `--config.num_epochs=N`: the optimizer's warm-up and cosine decay span all N
+epochs, and validation (log.jsonl, best/) runs every `eval_every_epochs`.
 Option `,paper`: ResNet-152 fine-tuned from `microsoft/resnet-152` (or `--config.init_from=DIR`) at
 224 px with ImageNet normalisation.
 """
