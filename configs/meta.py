@@ -10,7 +10,7 @@ r"""The main job: every stage of the pipeline, then the MM-SHAP-weighted stacked
   python train.py --config=configs/meta.py:toyshop,meta_paper --workdir=W   # Table I's meta-MLP only
 
 Upstream stages (jmmshap/pipeline.py: text, image, mmbt, mmshap, in that order, and clip_pretrain
-before mmbt where the MMBT starts from its tower) run only when their outputs are missing
+before image where the MMBT or the image learner starts from its tower) run only when their outputs are missing
 from W; a finished one is reused, and `rerun` (comma-separated) deletes and reruns the ones it names.
 Their configs are nested under `stages`, so any field can be overridden
 (`--config.stages.text.num_epochs=2`). The data config is given once, at the top level: every

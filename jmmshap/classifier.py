@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -86,17 +87,46 @@ def build_text_model(config: ml_collections.ConfigDict, num_classes: int,
   return bert.BertForSequenceClassification(bert_config, num_labels=num_classes, rngs=rngs, **dtypes)
 
 
+IMAGE_KINDS = ("resnet", "clip")  # The image learner's architectures (`model.kind`).
+# The checkpoint model types each kind starts from (`init_from`).
+_IMAGE_CHECKPOINTS = {"resnet": ("resnet",), "clip": ("clip", "clip_vision_model")}
+
+
+def image_kind(config: ml_collections.ConfigDict) -> str:
+  """The image learner's architecture; configs saved before `model.kind` existed are ResNets."""
+  return config.model.get("kind", "resnet")
+
+
 def build_image_model(config: ml_collections.ConfigDict, num_classes: int,
                       tokenizer: TitleTokenizer | None) -> nnx.Module:
-  """A ResNet classifier: from `init_from` (HF folder or torchvision file) or from scratch."""
+  """A ResNet classifier, or (model.kind='clip') a CLIP vision tower with a linear head; from
+  `init_from` (a HF folder, a torchvision file for the ResNet) or from scratch."""
   del tokenizer
   rngs, dtypes = _rngs(config), _dtypes(config)
+  if image_kind(config) == "clip":
+    if config.get("init_from"):
+      vision, _ = clip_vision.from_pretrained(config.init_from, image_size=config.data.image_size,
+                                              **dtypes)
+    else:
+      clip_config = clip_vision.CLIPVisionConfig(
+          image_size=config.data.image_size, **_clip_fields(config.model.clip))
+      logging.info("CLIP vision tower: %s", clip_config)
+      vision = clip_vision.CLIPVisionModel(clip_config, rngs=rngs, **dtypes)
+    return clip_vision.CLIPVisionClassifier(vision, num_classes, rngs=rngs, **dtypes)
   if config.get("init_from"):
     model, _ = models.from_pretrained(config.init_from, num_labels=num_classes, rngs=rngs, **dtypes)
     return model
   model_config = resnet_config(config.model)
   logging.info("ResNet: %s", model_config)
   return resnet.ResNet(model_config, num_labels=num_classes, rngs=rngs, **dtypes)
+
+
+def _clip_fields(clip: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The CLIPVisionConfig fields of a config's `model.clip` (a checkpoint's architecture record
+  also holds its model type and image size, which the stage's data decides)."""
+  fields = {field.name for field in dataclasses.fields(clip_vision.CLIPVisionConfig)}
+  return {key: value for key, value in clip.to_dict().items()
+          if key in fields and key != "image_size"}
 
 
 def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -147,7 +177,9 @@ def effective_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   replace the config's model fields (which the checkpoint would override), so that config.json
   and the fingerprint record the model actually trained."""
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.stage in (TEXT.name, IMAGE.name) and config.get("init_from"):
+  if config.stage == IMAGE.name:
+    _resolve_image_model(config)
+  elif config.stage == TEXT.name and config.get("init_from"):
     config.model = models.architecture(config.init_from)
   elif config.stage == MMBT.name:
     if config.get("init_from_text"):
@@ -159,6 +191,32 @@ def effective_config(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+def _resolve_image_model(config: ml_collections.ConfigDict) -> None:
+  """The image learner's architecture from its checkpoint (refused when it is not of
+  `model.kind`), and its normalisation: `data.image_mean`/`image_std` left empty take the
+  tower's own (ImageNet's for the ResNet, CLIP's for the CLIP tower)."""
+  kind = image_kind(config)
+  if config.get("init_from"):
+    overrides = {"image_size": config.data.image_size} if kind == "clip" else {}
+    architecture = models.architecture(config.init_from, **overrides)
+    if architecture["model_type"] not in _IMAGE_CHECKPOINTS.get(kind, ()):
+      raise ValueError(
+          f"model.kind={kind!r} but init_from={config.init_from!r} holds a "
+          f"{architecture['model_type']!r} model: use model.kind="
+          f"{'clip' if architecture['model_type'] in _IMAGE_CHECKPOINTS['clip'] else 'resnet'!r} "
+          "or another checkpoint.")
+    if kind == "clip":
+      config.model.clip = architecture
+    else:
+      config.model = {**architecture, **({"kind": kind} if "kind" in config.model else {})}
+  if "image_mean" in config.data:  # Configs saved before these fields existed used ImageNet's.
+    clip = kind == "clip"
+    if config.data.image_mean is None:
+      config.data.image_mean = input_pipeline.CLIP_MEAN if clip else input_pipeline.IMAGENET_MEAN
+    if config.data.image_std is None:
+      config.data.image_std = input_pipeline.CLIP_STD if clip else input_pipeline.IMAGENET_STD
+
+
 def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
   """Where a stage's tokenizer comes from: the one named, else its text checkpoint's; None: train
   one on the titles (only for a text tower trained from scratch)."""
@@ -167,8 +225,14 @@ def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
 
 
 def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """The MMBT's model settings (the text and image learners have none that can clash)."""
+  """The training options any classifier may have (label smoothing, EMA, crops, flip averaging),
+  the image learner's architecture and the MMBT's model settings."""
   problems: list[str] = []
+  check_training_options(problems, config, prefix)
+  if config.stage == IMAGE.name:
+    config_checks.one_of(problems, prefix, "model.kind", image_kind(config), IMAGE_KINDS)
+    if image_kind(config) == "clip" and not config.get("init_from"):
+      config_checks.check_clip_tower(problems, config.model.clip, config.data.image_size, prefix)
   if config.stage != MMBT.name:
     return problems
   model = config.model
@@ -185,19 +249,35 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
   return problems
 
 
+def check_training_options(problems: list[str], config: ml_collections.ConfigDict,
+                           prefix: str) -> None:
+  """Label smoothing and EMA decay in [0, 1); crop ranges that can be drawn; photo augmentation
+  and flip averaging only for a stage that reads photos."""
+  config_checks.fraction(problems, config, prefix, "label_smoothing", "ema_decay")
+  if config.get("random_crop"):
+    config_checks.interval(problems, config, prefix, "crop_area", 0.0, 1.0)
+    config_checks.interval(problems, config, prefix, "crop_aspect_ratio", 0.0, math.inf)
+  uses_image = config.stage in CLASSIFIERS and CLASSIFIERS[config.stage].uses_image
+  for name in ("random_flip", "random_crop", "eval_flip_average"):
+    if config.get(name) and not uses_image:
+      problems.append(f"{prefix}{name}=True: the {config.stage} stage reads no photos.")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Steps.
 
 
-def make_loss(graphdef: nnx.GraphDef, inputs: tuple[str, ...]) -> train_lib.LossFn:
-  """Cross-entropy of the model's logits; the model state (BatchNorm, dropout RNG) is carried."""
+def make_loss(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
+              label_smoothing: float = 0.0) -> train_lib.LossFn:
+  """Cross-entropy of the model's logits (against smoothed labels with `label_smoothing` > 0); the
+  model state (BatchNorm, dropout RNG) is carried."""
 
   def loss_fn(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state)
     logits = model(**{name: batch[name] for name in inputs})["logits"]
     _, _, model_state = nnx.split(model, nnx.Param, ...)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    loss = train_lib.cross_entropy(logits, batch["label"]).mean()
+    loss = train_lib.cross_entropy(logits, batch["label"], label_smoothing).mean()
     return loss, ({"accuracy": accuracy}, nnx.as_pure(model_state))
 
   return loss_fn
@@ -209,10 +289,22 @@ def make_train_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
   return train_lib.make_train_step(make_loss(graphdef, inputs), optimizer)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...]) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
+                   flip_average: bool = False) -> Callable:
+  """(params, model state, batch) -> float32 logits; with `flip_average`, the mean of the logits of
+  each photo and of its mirror image (test-time augmentation matching `random_flip`)."""
+
   def eval_step(params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state)
-    return model(**{name: batch[name] for name in inputs})["logits"].astype(jnp.float32)
+
+    def logits(batch):
+      return model(**{name: batch[name] for name in inputs})["logits"].astype(jnp.float32)
+
+    if not flip_average:
+      return logits(batch)
+    mirrored = {**batch, "pixel_values": batch["pixel_values"][:, :, ::-1]}
+    return (logits(batch) + logits(mirrored)) / 2
+
   return eval_step
 
 
@@ -247,8 +339,18 @@ def make_preprocessor(config: ml_collections.ConfigDict, stage: ClassifierStage,
                       tokenizer: TitleTokenizer | None) -> input_pipeline.Preprocessor:
   return input_pipeline.Preprocessor(
       tokenizer, config.data.image_size if stage.uses_image else None,
-      config.data.get("image_mean", input_pipeline.IMAGENET_MEAN),
-      config.data.get("image_std", input_pipeline.IMAGENET_STD))
+      config.data.get("image_mean") or input_pipeline.IMAGENET_MEAN,
+      config.data.get("image_std") or input_pipeline.IMAGENET_STD)
+
+
+def make_augmentation(config: ml_collections.ConfigDict) -> input_pipeline.Augmentation | None:
+  """The training-photo augmentation a config asks for (`random_flip`, `random_crop`); None: none."""
+  if not (config.get("random_flip") or config.get("random_crop")):
+    return None
+  return input_pipeline.Augmentation(
+      flip=bool(config.get("random_flip")),
+      crop_area=tuple(config.crop_area) if config.get("random_crop") else None,
+      crop_aspect_ratio=tuple(config.get("crop_aspect_ratio", (3 / 4, 4 / 3))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,7 +526,8 @@ def run(config: ml_collections.ConfigDict, root: str,
   batch_sharding = parallel.data_sharded(mesh)
   eval_batch_size = config.get("eval_batch_size") or config.batch_size
   parallel.check_batch_size(eval_batch_size, "eval_batch_size")
-  eval_step = jax.jit(make_eval_step(eval_graphdef, stage.inputs),
+  eval_step = jax.jit(make_eval_step(eval_graphdef, stage.inputs,
+                                     bool(config.get("eval_flip_average"))),
                       in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
 
   def evaluate_split(split: str, params: Any, model_state: Any) -> dict[str, np.ndarray]:
@@ -435,21 +538,19 @@ def run(config: ml_collections.ConfigDict, root: str,
   validated: dict[int, dict[str, np.ndarray]] = {}
 
   def validate_state(state: dict) -> dict[str, float]:
-    result = evaluate_split("validation", state["params"], state["model_state"])
+    evaluated = train_lib.evaluated_model(state)  # The moving average where there is one.
+    result = evaluate_split("validation", evaluated["params"], evaluated["model_state"])
     validated.clear()  # Only the newest can be the best one when it improves.
     validated[int(jax.device_get(state["step"]))] = result
     return validation_scores(result, num_classes)
 
   if config.mode == "train":
-    augment = input_pipeline.random_flip if config.get("random_flip") else None  # Image stage only.
     train_lib.fit(
         config, directory, stage.name, params=params, model_state=model_state,
-        loss_fn=make_loss(train_graphdef, stage.inputs), train_source=sources["train"],
-        preprocess=preprocess,
-        evaluate=validate_state,
-        selection=SELECTION,
-        best_model=lambda state: {"params": state["params"], "model_state": state["model_state"]},
-        mesh=mesh, augment=augment)
+        loss_fn=make_loss(train_graphdef, stage.inputs, config.get("label_smoothing", 0.0)),
+        train_source=sources["train"], preprocess=preprocess, evaluate=validate_state,
+        selection=SELECTION, best_model=train_lib.evaluated_model, mesh=mesh,
+        augment=make_augmentation(config))
 
   abstract_model = checkpoints.abstract({"params": params, "model_state": model_state}, replicated)
   best, best_metrics = checkpoints.restore_best(directory, abstract_model)

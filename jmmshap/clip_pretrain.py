@@ -236,8 +236,10 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, flo
     train_lib.fit(
         config, directory, STAGE, params=params, model_state=None, loss_fn=make_loss(graphdef),
         train_source=photos["train"], preprocess=pairs["train"],
-        evaluate=lambda state: evaluate_split("validation", state["params"]),
-        selection=SELECTION, best_model=lambda state: {"params": state["params"]}, mesh=mesh)
+        evaluate=lambda state: evaluate_split("validation",
+                                              train_lib.evaluated_model(state)["params"]),
+        selection=SELECTION,
+        best_model=lambda state: {"params": train_lib.evaluated_model(state)["params"]}, mesh=mesh)
 
   best, best_metrics = checkpoints.restore_best(
       directory, checkpoints.abstract({"params": params}, replicated))

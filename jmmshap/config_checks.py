@@ -54,6 +54,31 @@ def at_least(problems: list[str], config: ml_collections.ConfigDict, prefix: str
       problems.append(f"{prefix}{name}={value!r}: must be an integer >= {minimum}{why}.")
 
 
+def fraction(problems: list[str], config: ml_collections.ConfigDict, prefix: str,
+             *names: str) -> None:
+  """Settings that must be a number in [0, 1) (0: off), e.g. label smoothing, an EMA decay."""
+  for name in names:
+    value = config.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 <= value < 1):
+      problems.append(f"{prefix}{name}={value!r}: must be a number in [0, 1) (0: off).")
+
+
+def interval(problems: list[str], config: ml_collections.ConfigDict, prefix: str, name: str,
+             low: float, high: float) -> None:
+  """A (min, max) setting from which values are drawn: low < min <= max <= high."""
+  value = config.get(name)
+  try:
+    first, last = (float(v) for v in value)
+    valid = low < first <= last <= high
+  except (TypeError, ValueError):
+    valid = False
+  if not valid:
+    upper = "" if high == float("inf") else f" <= {high:g}"
+    problems.append(f"{prefix}{name}={value!r}: must be (min, max) with {low:g} < min <= max"
+                    f"{upper}.")
+
+
 def check_run_settings(problems: list[str], config: ml_collections.ConfigDict, prefix: str,
                        devices: int) -> None:
   """The settings every trained stage shares: mode, dtype, seed, batch sizes, steps, checkpoints,

@@ -8,6 +8,7 @@ masked so every example is counted exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import queue
 import threading
@@ -24,6 +25,8 @@ Batch = dict[str, np.ndarray]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation.
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class RecordSource(Protocol):
@@ -112,13 +115,86 @@ def random_flip(batch: Batch, draws: np.ndarray) -> Batch:
   return batch
 
 
+def bilinear_sample(images: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+  """images (B, H, W, C) sampled at the grid rows (B, H') x columns (B, W') (pixel coordinates,
+  clamped at the edges): (B, H', W', C)."""
+  height, width = images.shape[1:3]
+  rows = np.clip(rows, 0, height - 1)
+  columns = np.clip(columns, 0, width - 1)
+  top = np.floor(rows).astype(np.int32)
+  left = np.floor(columns).astype(np.int32)
+  bottom = np.minimum(top + 1, height - 1)
+  right = np.minimum(left + 1, width - 1)
+  dy = (rows - top)[:, :, None, None].astype(images.dtype)
+  dx = (columns - left)[:, None, :, None].astype(images.dtype)
+  b = np.arange(len(images))[:, None, None]
+
+  def at(r, c):
+    return images[b, r[:, :, None], c[:, None, :]]
+
+  upper = at(top, left) * (1 - dx) + at(top, right) * dx
+  lower = at(bottom, left) * (1 - dx) + at(bottom, right) * dx
+  return upper * (1 - dy) + lower * dy
+
+
+def random_resized_crop(images: np.ndarray, draws: np.ndarray, area: tuple[float, float],
+                        aspect_ratio: tuple[float, float]) -> np.ndarray:
+  """Inception-style crops resized back to the image size, one per row of `draws` (B, 4 uniforms).
+
+  A crop covers a fraction of the image drawn uniformly from `area`, with a width/height ratio
+  drawn log-uniformly from `aspect_ratio` (each side clipped to the image), at a uniform position.
+  Only geometry changes: every output pixel is a convex mix of input pixels, so colours are kept
+  (a product's colour is often what tells its class). Without a retry loop, the number of draws
+  per example is fixed, which keeps the crops a function of (seed, step).
+  """
+  height, width = images.shape[1:3]
+  fraction = area[0] + (area[1] - area[0]) * draws[:, 0]
+  log_low, log_high = np.log(aspect_ratio[0]), np.log(aspect_ratio[1])
+  ratio = np.exp(log_low + (log_high - log_low) * draws[:, 1])
+  crop_width = np.clip(np.sqrt(fraction * height * width * ratio), 1.0, width)
+  crop_height = np.clip(np.sqrt(fraction * height * width / ratio), 1.0, height)
+  left = draws[:, 2] * (width - crop_width)
+  top = draws[:, 3] * (height - crop_height)
+  # Output pixel centres mapped into the crop box (as torch's align_corners=False resize).
+  rows = top[:, None] + (np.arange(height) + 0.5) * (crop_height / height)[:, None] - 0.5
+  columns = left[:, None] + (np.arange(width) + 0.5) * (crop_width / width)[:, None] - 0.5
+  return bilinear_sample(images, rows, columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """Training-photo augmentation that keeps colour: random-resized crops, then left-right flips.
+
+  `__call__(batch, draws)` takes `draws_per_example` uniforms per row; `train_batches` draws them
+  from (seed, epoch, position), so a resumed run or any number of processes augments alike. The
+  flip reads the first draw of a row, which is the same draw with or without crops.
+  """
+  flip: bool = False
+  crop_area: tuple[float, float] | None = None  # None: no crops.
+  crop_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+  @property
+  def draws_per_example(self) -> int:
+    return 1 + (4 if self.crop_area is not None else 0)
+
+  def __call__(self, batch: Batch, draws: np.ndarray) -> Batch:
+    if self.crop_area is not None:
+      batch["pixel_values"] = random_resized_crop(
+          batch["pixel_values"], draws[:, 1:5], tuple(self.crop_area), tuple(self.crop_aspect_ratio))
+    if self.flip:
+      batch = random_flip(batch, draws[:, 0])
+    return batch
+
+
 def train_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
                   global_batch_size: int, seed: int, start_step: int = 0,
-                  augment: Callable[[Batch, np.ndarray], Batch] | None = None) -> Iterator[Batch]:
+                  augment: Augmentation | None = None) -> Iterator[Batch]:
   """Endless training batches; epoch e is the permutation seeded by (seed, e), short tail dropped.
 
-  `augment(batch, draws)` gets one uniform draw per row, seeded by (seed, epoch, position) and drawn
-  for the whole global batch, so a resumed run or any number of processes augments the same way.
+  `augment(batch, draws)` gets `augment.draws_per_example` uniform draws per row, seeded by
+  (seed, epoch, position) and drawn for the whole global batch, so a resumed run or any number of
+  processes augments the same way. Draw k of every row comes from the k-th block of draws, so
+  adding draws (crops) leaves the earlier ones (flips) as they were.
   """
   num_examples = len(source)
   per_epoch = steps_per_epoch(num_examples, global_batch_size)
@@ -131,7 +207,8 @@ def train_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], B
       indices = order[position * global_batch_size:(position + 1) * global_batch_size][rows]
       batch = preprocess(read_records(source, indices))
       if augment is not None:
-        draws = np.random.default_rng([seed, epoch, position]).random(global_batch_size)[rows]
+        draws = np.random.default_rng([seed, epoch, position]).random(
+            (augment.draws_per_example, global_batch_size)).T[rows]
         batch = augment(batch, draws)
       yield batch
     step = (epoch + 1) * per_epoch

@@ -65,11 +65,12 @@ def _mmshap_check(config, prefix, devices, siblings) -> list[str]:
 
 STAGES: tuple[Stage, ...] = (
     _classifier(classifier.TEXT),
-    _classifier(classifier.IMAGE),
+    # Before the image learner and the MMBT, either of which may start from its tower.
     Stage(clip_pretrain.STAGE, clip_pretrain.run,
           lambda config, prefix, devices, siblings: clip_pretrain.check_config(config, prefix),
           writes=(workdir.METRICS, workdir.EXPORT_WEIGHTS), optional=True,
           fingerprint=classifier.fingerprint),
+    _classifier(classifier.IMAGE, reads=(clip_pretrain.STAGE,)),
     _classifier(classifier.MMBT, reads=(clip_pretrain.STAGE,)),
     Stage(mmshap_stage.STAGE, mmshap_stage.run, _mmshap_check, reads=(classifier.MMBT.name,),
           writes=tuple(workdir.shares_file(split) for split in EVAL_SPLITS),

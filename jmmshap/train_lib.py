@@ -76,12 +76,53 @@ def make_optimizer(config: ml_collections.ConfigDict,
   return optimizer, schedule
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy against integer labels.
+
+  With `label_smoothing` a > 0 the target is (1 - a) one-hot + a / C (Szegedy et al., 2016): the
+  model is not pushed towards infinite logits on labels that are sometimes wrong or ambiguous.
+  a = 0 is the plain loss, computed as before.
+  """
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> Callable:
-  """(state, batch) -> (state, metrics); state = {step, params, opt_state[, model_state]}."""
+def ema_update(average: Any, latest: Any, step: jax.Array, decay: float) -> Any:
+  """The debiased exponential moving average after `step` (>= 1) updates, given the one before.
+
+  Equal to sum_t decay^(step - t) (1 - decay) x_t / (1 - decay^step) over the iterates x_1..x_step:
+  a weighted mean of the iterates only (the initial value gets weight 0), so that early evaluations
+  are not dragged towards the random initialisation. Leaves that are not floating point (RNG keys,
+  counters) take the latest value.
+  """
+  # 1 - decay^step as -expm1(step log decay): accurate in float32 for decay close to 1.
+  weight = (1.0 - decay) / -jnp.expm1(step.astype(jnp.float32) * math.log(decay))
+
+  def update(old, new):
+    if not jnp.issubdtype(new.dtype, jnp.floating):
+      return new
+    return (old + weight.astype(new.dtype) * (new - old)).astype(new.dtype)
+
+  return jax.tree.map(update, average, latest)
+
+
+def evaluated_model(state: dict) -> dict:
+  """What validation, `best/` and every output use: the moving average of the params (and model
+  state) where the run keeps one (`ema_decay` > 0), else the trained ones."""
+  source = state.get("ema", state)
+  return {"params": source["params"], "model_state": source.get("model_state")}
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    ema_decay: float = 0.0) -> Callable:
+  """(state, batch) -> (state, metrics); state = {step, params, opt_state[, model_state][, ema]}.
+
+  With `ema_decay` > 0 the state's `ema` ({params[, model_state]}) is updated after every step;
+  BatchNorm statistics are averaged with the params so that the two match.
+  """
 
   def train_step(state, batch):
     def objective(params):
@@ -94,6 +135,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
                  "params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
     if model_state is not None:
       new_state["model_state"] = model_state
+    if ema_decay:
+      latest = {name: new_state[name] for name in state["ema"]}
+      new_state["ema"] = ema_update(state["ema"], latest, new_state["step"], ema_decay)
     return new_state, {"loss": loss, **step_metrics}
 
   return train_step
@@ -179,12 +223,14 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
         model_state: Any, loss_fn: LossFn, train_source: input_pipeline.RecordSource,
         preprocess: Callable, evaluate: Callable[[dict], dict[str, float]], selection: Selection,
         best_model: Callable[[dict], Any], mesh: jax.sharding.Mesh,
-        augment: Callable | None = None) -> None:
+        augment: input_pipeline.Augmentation | None = None) -> None:
   """Trains from `params` (or resumes from the newest checkpoint in `directory`) to the end.
 
   `evaluate(state)` gives the validation scores (every `eval_every`, and after the last step);
-  `best_model(state)` is what `best/` keeps when `selection` says they improved. Writes config.json,
-  log.jsonl, the checkpoints and the training curves.
+  `best_model(state)` is what `best/` keeps when `selection` says they improved; both should read
+  the state through `evaluated_model`, which gives the moving average where `config.ema_decay` > 0
+  keeps one (in the train state, so in every checkpoint). Writes config.json, log.jsonl, the
+  checkpoints and the training curves.
   """
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   parallel.check_batch_size(config.batch_size)
@@ -193,6 +239,11 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
   if model_state is not None:
     state["model_state"] = model_state
+  ema_decay = config.get("ema_decay", 0.0)
+  if ema_decay:  # Its starting value gets weight 0 (`ema_update`); it only fixes the tree.
+    # Copies: the state is donated to the step, and one buffer cannot be donated twice.
+    state["ema"] = {name: jax.tree.map(jnp.copy, state[name])
+                    for name in ("params", "model_state") if name in state}
   state = parallel.replicate(state, mesh)
 
   store = checkpoints.StageCheckpoints(directory, config.get("keep_checkpoints", 2))
@@ -212,7 +263,7 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
     if start_step >= total_steps:
       return
 
-    train_step = jax.jit(make_train_step(loss_fn, optimizer),
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, ema_decay),
                          in_shardings=(replicated, batch_sharding),
                          out_shardings=(replicated, replicated), donate_argnums=0)
     batches = input_pipeline.prefetch(

@@ -5,7 +5,7 @@
   python scripts/mutation_check.py --list                # names, files and target tests only
 
 (from the repository root, with the test extra installed: `pip install -e '.[test]'`). Not part of
-the default suite: it runs 37 test-file sessions plus the baseline, about 8 minutes on 2 cores.
+the default suite: it runs 49 test sessions plus the baseline, about 12 minutes on 2 cores.
 
 Each mutant is one exact text replacement in one package file (it must occur exactly once, or the
 mutant is reported as stale). It is applied to a fresh temporary copy of the repository (package,
@@ -55,6 +55,17 @@ GAMES = ("tests/test_games.py", "tests/test_players.py")
 WEIGHTING, META, ENSEMBLE = ("tests/test_weighting.py",), ("tests/test_meta.py",), ("tests/test_ensemble.py",)
 CLASSIFIER, TRAIN_LIB = ("tests/test_classifier.py",), ("tests/test_train_lib.py",)
 METRICS, INPUT = ("tests/test_metrics.py",), ("tests/test_input_pipeline.py",)
+# Test node ids, not whole files: the image options' tests train, so a mutant runs only its own.
+CROPS = tuple(f"tests/test_input_pipeline.py::test_{name}" for name in (
+    "random_resized_crops_cover_the_configured_area_and_aspect_inside_the_photo",
+    "random_crops_are_seeded_per_step_and_the_same_on_resume"))
+FIRST_LOSS = ("tests/test_classifier.py::test_the_first_logged_loss_is_the_smoothed_loss_of_the_"
+              "first_cropped_and_flipped_batch",)
+EMA_FORMULA = ("tests/test_train_lib.py::test_ema_is_the_debiased_moving_average_of_every_iterate_"
+               "and_copies_non_float_state",)
+EMA_BEST = ("tests/test_classifier.py::test_the_moving_average_is_checkpointed_and_is_what_best_holds",)
+EMA_OUTPUTS = ("tests/test_classifier.py::test_validation_test_and_eval_mode_use_the_moving_average_"
+               "with_flip_averaging",)
 
 MUTANTS = (
     # Shapley engine.
@@ -245,6 +256,67 @@ MUTANTS = (
            'batch["mask"] = real.astype(np.float32)',
            'batch["mask"] = np.ones_like(real, np.float32)',
            "Padding rows of the last evaluation batch are marked as real examples.", INPUT),
+    # The image learner's options (issue #20).
+    Mutant("crops_drawn_unseeded", "jmmshap/input_pipeline.py",
+           "batch[\"pixel_values\"], draws[:, 1:5],",
+           "batch[\"pixel_values\"], np.random.random((len(draws), 4)),",
+           "Random-resized crops drawn from an unseeded generator: not the same on resume.",
+           CROPS),
+    Mutant("crop_area_taken_as_side_fraction", "jmmshap/input_pipeline.py",
+           "crop_width = np.clip(np.sqrt(fraction * height * width * ratio), 1.0, width)",
+           "crop_width = np.clip(fraction * np.sqrt(height * width * ratio), 1.0, width)",
+           "A crop's width scaled by the drawn area instead of its square root.", CROPS),
+    Mutant("flips_read_a_crop_draw", "jmmshap/input_pipeline.py",
+           "batch = random_flip(batch, draws[:, 0])",
+           "batch = random_flip(batch, draws[:, 1])",
+           "Flips read a crop's draw: turning crops on changes which photos are mirrored.", CROPS),
+    Mutant("crops_off_in_training", "jmmshap/classifier.py",
+           "crop_area=tuple(config.crop_area) if config.get(\"random_crop\") else None,",
+           "crop_area=None,",
+           "The image stage trains without the crops its config asks for.", FIRST_LOSS),
+    Mutant("label_smoothing_off_in_training", "jmmshap/classifier.py",
+           "make_loss(train_graphdef, stage.inputs, config.get(\"label_smoothing\", 0.0))",
+           "make_loss(train_graphdef, stage.inputs)",
+           "The classifier stages train on plain cross-entropy whatever label_smoothing says.",
+           FIRST_LOSS),
+    Mutant("label_smoothing_mass_not_spread", "jmmshap/train_lib.py",
+           "targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)",
+           "targets = (1 - label_smoothing) * jax.nn.one_hot(labels, logits.shape[-1])",
+           "Label smoothing scales the one-hot target down without spreading a / C over the classes.",
+           ("tests/test_train_lib.py::test_label_smoothing_zero_is_the_plain_loss_and_otherwise_the_"
+            "smoothed_targets_formula",)),
+    Mutant("ema_not_debiased", "jmmshap/train_lib.py",
+           "weight = (1.0 - decay) / -jnp.expm1(step.astype(jnp.float32) * math.log(decay))",
+           "weight = jnp.asarray(1.0 - decay)",
+           "The EMA without its bias correction: early averages lean towards the initial params.",
+           EMA_FORMULA),
+    Mutant("ema_validated_on_raw_params", "jmmshap/classifier.py",
+           "evaluated = train_lib.evaluated_model(state)  # The moving average where there is one.",
+           "evaluated = state",
+           "Validation (and selection, and the kept validation logits) uses the raw params, not "
+           "the EMA.", EMA_OUTPUTS),
+    Mutant("ema_not_what_best_keeps", "jmmshap/classifier.py",
+           "selection=SELECTION, best_model=train_lib.evaluated_model, mesh=mesh,",
+           "selection=SELECTION, best_model=lambda state: {\"params\": state[\"params\"], "
+           "\"model_state\": state[\"model_state\"]}, mesh=mesh,",
+           "best/ (so eval mode and the written logits) keeps the raw params instead of the EMA.",
+           EMA_BEST),
+    Mutant("flip_average_off", "jmmshap/classifier.py",
+           "bool(config.get(\"eval_flip_average\"))),",
+           "False),",
+           "eval_flip_average=True evaluates the photos alone.", EMA_OUTPUTS),
+    Mutant("flip_average_upside_down", "jmmshap/classifier.py",
+           "mirrored = {**batch, \"pixel_values\": batch[\"pixel_values\"][:, :, ::-1]}",
+           "mirrored = {**batch, \"pixel_values\": batch[\"pixel_values\"][:, ::-1]}",
+           "Flip averaging mirrors the photos top-bottom instead of left-right.",
+           ("tests/test_classifier.py::test_flip_averaged_evaluation_is_the_mean_of_the_photo_and_"
+            "mirror_logits",)),
+    Mutant("clip_learner_normalised_as_imagenet", "jmmshap/classifier.py",
+           "clip = kind == \"clip\"",
+           "clip = False",
+           "The CLIP image learner normalises photos with ImageNet's statistics, not its tower's.",
+           ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
+            "from_it_and_trains",)),
 )
 
 

@@ -1,14 +1,21 @@
 """The classifier stages: the image and mmbt learners train end to end and restore for later stages;
-best/ is chosen on validation macro F1."""
+best/ is chosen on validation macro F1; the image learner's options (crops, label smoothing, EMA,
+flip-averaged evaluation, the CLIP tower) act where they should."""
 
 import json
 import os
+import shutil
 
+import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from configs import common
-from jmmshap import classifier, metrics, pipeline, train_lib, workdir
+from jmmshap import builders, classifier, input_pipeline, metrics, pipeline, train_lib, workdir
+from jmmshap.models import clip_vision, resnet
 from jmmshap.tokenizer import TitleTokenizer
 
 
@@ -109,3 +116,206 @@ def test_the_best_checkpoints_validation_is_evaluated_once(tmp_path, tiny, monke
   pipeline.run(tiny.config("image", str(tmp_path / "tfds")), str(tmp_path / "job"))
   # One validation pass at the last (and only, so best) evaluation, one test pass: 24 examples each.
   assert sources == [24, 24]
+
+
+# The stronger image learner's options, all on: crops and flips, label smoothing, a moving average
+# of the params, flip-averaged evaluation. 4 steps, validation and checkpoints at steps 2 and 4.
+OPTIONS = {"random_flip": True, "random_crop": True, "crop_area": (0.3, 0.7), "label_smoothing": 0.3,
+           "ema_decay": 0.5, "eval_flip_average": True, "total_steps": 4, "eval_every_steps": 2,
+           "checkpoint_every_steps": 2, "optimizer.learning_rate": 0.02}
+
+
+@pytest.fixture(scope="module")
+def with_options(tmp_path_factory, tiny):
+  root = tmp_path_factory.getbasetemp()
+  config = tiny.config("image", str(root / "tfds_stages"), OPTIONS)
+  job = str(tmp_path_factory.mktemp("image_options"))
+  report = pipeline.run(config, job)
+  return config, job, report
+
+
+def _restored(path: str) -> dict:
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def _leaves(tree) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _source(config, split: str):
+  return builders.builder_for(config.data).as_data_source(split)
+
+
+def _softmax_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+  logits = logits.astype(np.float64)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                              ) - logits.max(-1, keepdims=True)
+  return float(-(targets * log_probs).sum(-1).mean())
+
+
+def test_the_first_logged_loss_is_the_smoothed_loss_of_the_first_cropped_and_flipped_batch(
+    with_options):
+  """Recomputed outside the stage: the initial model on the first batch of the seeded pipeline with
+  crops of 30-70% and flips, against targets 0.7 one-hot + 0.3 / 12. Plain cross-entropy or the
+  batch without crops give clearly other losses."""
+  config, job, _ = with_options
+  saved = workdir.read_config(job, "image")
+  for key in ("random_flip", "random_crop", "label_smoothing", "ema_decay", "eval_flip_average"):
+    assert saved[key] == config[key]  # Recorded in the run's config.
+  assert list(saved.crop_area) == [0.3, 0.7] and list(saved.data.image_mean) == list(
+      input_pipeline.IMAGENET_MEAN)
+  with open(os.path.join(job, "image", "log.jsonl")) as f:
+    first = next(r for r in map(json.loads, f) if r["split"] == "train" and r["step"] == 1)
+  model = classifier.build_image_model(saved, 12, None)
+  model.train()
+  preprocess = classifier.make_preprocessor(saved, classifier.IMAGE, None)
+
+  def first_batch(augment):
+    return next(input_pipeline.train_batches(_source(config, "train"), preprocess,
+                                             global_batch_size=16, seed=0, augment=augment))
+
+  batch = first_batch(input_pipeline.Augmentation(flip=True, crop_area=(0.3, 0.7)))
+  logits = np.asarray(model(jax.numpy.asarray(batch["pixel_values"]))["logits"])
+  onehot = np.eye(12)[batch["label"]]
+  smoothed = _softmax_cross_entropy(logits, 0.7 * onehot + 0.3 / 12)
+  assert first["loss"] == pytest.approx(smoothed, rel=1e-5)
+  assert abs(_softmax_cross_entropy(logits, onehot) - smoothed) > 2e-3
+  plain = np.asarray(model(jax.numpy.asarray(first_batch(None)["pixel_values"]))["logits"])
+  assert abs(_softmax_cross_entropy(plain, 0.7 * onehot + 0.3 / 12) - smoothed) > 2e-3
+
+
+def test_the_moving_average_is_checkpointed_and_is_what_best_holds(with_options):
+  _, job, _ = with_options
+  stage = os.path.join(job, "image")
+  states = {step: _restored(os.path.join(stage, "checkpoints", str(step), "state"))
+            for step in (2, 4)}
+  for state in states.values():
+    raw, average = _leaves(state["params"]), _leaves(state["ema"]["params"])
+    assert max(np.abs(a - r).max() for a, r in zip(average, raw)) > 1e-4
+  (best_step,) = map(int, os.listdir(os.path.join(stage, "best")))
+  best = _restored(os.path.join(stage, "best", str(best_step), "model"))
+  for name in ("params", "model_state"):
+    for kept, average in zip(_leaves(best[name]), _leaves(states[best_step]["ema"][name]),
+                             strict=True):
+      np.testing.assert_array_equal(kept, average)
+  assert any(not np.array_equal(kept, raw) for kept, raw in
+             zip(_leaves(best["params"]), _leaves(states[best_step]["params"])))
+
+
+def _flip_averaged(model, config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(flip-averaged logits, plain logits) of a split, in its order, by direct model calls."""
+  preprocess = classifier.make_preprocessor(config, classifier.IMAGE, None)
+  source = _source(config, split)
+  pixels = jax.numpy.asarray(preprocess(input_pipeline.read_records(source, range(len(source))))[
+      "pixel_values"])
+  plain = np.asarray(model(pixels)["logits"])
+  mirrored = np.asarray(model(pixels[:, :, ::-1])["logits"])
+  return (plain + mirrored) / 2, plain
+
+
+def test_validation_test_and_eval_mode_use_the_moving_average_with_flip_averaging(with_options):
+  """best/ holds the EMA (previous test); the written logits of both splits, the logged validation
+  loss of the best step and eval mode's report are that model's mean over each photo and its
+  mirror."""
+  config, job, report = with_options
+  stage = os.path.join(job, "image")
+  trained = classifier.load_trained(job, classifier.IMAGE)
+  with open(os.path.join(stage, "log.jsonl")) as f:
+    logged = {r["step"]: r for r in map(json.loads, f) if r["split"] == "validation"}
+  (best_step,) = map(int, os.listdir(os.path.join(stage, "best")))
+  written = {}
+  for split in ("validation", "test"):
+    written[split] = np.load(os.path.join(stage, f"logits_{split}.npz"))
+    averaged, plain = _flip_averaged(trained.model, trained.config, split)
+    np.testing.assert_allclose(written[split]["logits"], averaged, rtol=1e-4, atol=1e-5)
+    assert np.abs(written[split]["logits"] - plain).max() > 1e-4
+  loss = float(train_lib.cross_entropy(written["validation"]["logits"],
+                                       written["validation"]["labels"]).mean())
+  assert loss == pytest.approx(logged[best_step]["loss"], rel=1e-5)
+  for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
+    os.remove(os.path.join(stage, name))
+  eval_config = ml_collections.ConfigDict(config.to_dict())
+  eval_config.mode = "eval"
+  assert pipeline.run(eval_config, job) == report
+  for split in ("validation", "test"):
+    np.testing.assert_allclose(np.load(os.path.join(stage, f"logits_{split}.npz"))["logits"],
+                               written[split]["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_run_with_every_option_ends_with_the_same_params_and_average(with_options,
+                                                                               tmp_path):
+  config, job, report = with_options
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(job, resumed)
+  stage = os.path.join(resumed, "image")
+  shutil.rmtree(os.path.join(stage, "checkpoints", "4"))
+  for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
+    os.remove(os.path.join(stage, name))
+  assert pipeline.run(config, resumed) == report
+  ours = _restored(os.path.join(stage, "checkpoints", "4", "state"))
+  theirs = _restored(os.path.join(job, "image", "checkpoints", "4", "state"))
+  for name in ("params", "ema"):
+    for a, b in zip(_leaves(ours[name]), _leaves(theirs[name]), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_flip_averaged_evaluation_is_the_mean_of_the_photo_and_mirror_logits():
+  model = resnet.ResNet(resnet.ResNetConfig(depth=18, embedding_size=4, small_stem=True,
+                                            hidden_sizes=(4, 8, 16, 32)), num_labels=3,
+                        rngs=nnx.Rngs(0))
+  model.eval()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  pixels = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+  batch = {"pixel_values": pixels}
+  plain = classifier.make_eval_step(graphdef, ("pixel_values",))(params, model_state, batch)
+  mirror = classifier.make_eval_step(graphdef, ("pixel_values",))(
+      params, model_state, {"pixel_values": pixels[:, :, ::-1]})
+  averaged = classifier.make_eval_step(graphdef, ("pixel_values",), flip_average=True)(
+      params, model_state, batch)
+  np.testing.assert_allclose(averaged, (np.asarray(plain) + np.asarray(mirror)) / 2, rtol=1e-5,
+                             atol=1e-6)
+  assert np.abs(np.asarray(plain) - np.asarray(mirror)).max() > 1e-4
+
+
+def _save_clip_tower(folder: str, image_size: int = 32) -> clip_vision.CLIPVisionModel:
+  tower = clip_vision.CLIPVisionModel(clip_vision.CLIPVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+      image_size=image_size, patch_size=16), rngs=nnx.Rngs(3))
+  clip_vision.save_pretrained(tower, folder)
+  return tower
+
+
+def test_an_image_learner_on_the_clip_pretrain_tower_starts_from_it_and_trains(
+    tmp_path, tmp_path_factory, tiny):
+  """model.kind='clip' with init_from=workdir:clip_pretrain/export: the tower's weights are the
+  export's, the head starts at zero, the normalisation is CLIP's, and the stage trains and records
+  the checkpoint's architecture."""
+  job = str(tmp_path / "job")
+  tower = _save_clip_tower(os.path.join(job, "clip_pretrain", "export"))
+  config = tiny.config("image", str(tmp_path_factory.getbasetemp() / "tfds_stages"), {
+      "model.kind": "clip", "init_from": "workdir:clip_pretrain/export", "total_steps": 1})
+  effective = classifier.effective_config(workdir.resolve_paths(config, job))
+  assert list(effective.data.image_mean) == list(input_pipeline.CLIP_MEAN)
+  assert (effective.model.kind, effective.model.clip.hidden_size) == ("clip", 16)
+  model = classifier.build_image_model(effective, 12, None)
+  for ours, theirs in zip(_leaves(nnx.state(model.vision, nnx.Param)),
+                          _leaves(nnx.state(tower, nnx.Param)), strict=True):
+    np.testing.assert_array_equal(ours, theirs)
+  assert not np.any(np.asarray(model.classifier.kernel[...]))
+  report = pipeline.run(config, job)
+  assert set(report["test"]) == set(metrics.METRIC_NAMES)
+  saved = workdir.read_config(job, "image")
+  assert saved.model.kind == "clip" and saved.model.clip.num_hidden_layers == 1
+  assert list(saved.data.image_std) == list(input_pipeline.CLIP_STD)
+  restored = classifier.load_trained(job, classifier.IMAGE)
+  assert isinstance(restored.model, clip_vision.CLIPVisionClassifier)
+
+
+def test_an_image_checkpoint_of_another_kind_is_refused_naming_both(tmp_path, tiny):
+  folder = str(tmp_path / "tower")
+  _save_clip_tower(folder)
+  config = tiny.config("image", str(tmp_path / "tfds"), {"init_from": folder})
+  with pytest.raises(ValueError, match=r"model.kind='resnet' but init_from=.*tower' holds a "
+                                       r"'clip_vision_model' model: use model.kind='clip'"):
+    pipeline.run(config, str(tmp_path / "job"))
+  assert not os.path.exists(os.path.join(str(tmp_path / "job"), "image", "checkpoints"))

@@ -222,3 +222,17 @@ def test_bad_images_are_refused_with_the_reason(checkpoints):
     model(jnp.zeros((2, 30, 32, 3)))
   with pytest.raises(ValueError, match="hidden_act='relu'"):
     clip_vision.CLIPVisionConfig(hidden_act="relu")
+
+
+def test_classifier_head_reads_the_pooled_class_token_and_starts_at_zero():
+  vision = clip_vision.CLIPVisionModel(clip_vision.CLIPVisionConfig(**TINY_VISION), rngs=nnx.Rngs(0))
+  model = clip_vision.CLIPVisionClassifier(vision, num_labels=5, rngs=nnx.Rngs(1))
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  outputs = model(jnp.asarray(images))
+  np.testing.assert_array_equal(outputs["logits"], np.zeros((2, 5)))  # log(5) loss at the start.
+  np.testing.assert_allclose(outputs["pooler_output"], vision(jnp.asarray(images))["pooler_output"],
+                             rtol=1e-6)
+  kernel = np.random.default_rng(1).normal(size=(32, 5)).astype(np.float32)
+  model.classifier.kernel.set_value(jnp.asarray(kernel))
+  np.testing.assert_allclose(model(jnp.asarray(images))["logits"],
+                             np.asarray(outputs["pooler_output"]) @ kernel, rtol=1e-5, atol=1e-5)

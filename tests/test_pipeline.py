@@ -106,6 +106,39 @@ def test_negative_steps_and_seed_and_no_kept_checkpoint_are_refused_at_once():
   assert "meta.keep_checkpoints=0: must be a positive integer" in _problems(pipeline_config)
 
 
+def test_impossible_image_learner_options_are_refused_naming_each_field():
+  config = image.get_config()
+  config.update(label_smoothing=1.0, ema_decay=-0.1, random_crop=True, crop_area=(0.8, 0.2),
+                crop_aspect_ratio=(0.0, 2.0))
+  config.model.kind = "vit"
+  message = _problems(config)
+  assert "5 setting(s) cannot work" in message
+  for fragment in ("label_smoothing=1.0: must be a number in [0, 1)",
+                   "ema_decay=-0.1: must be a number in [0, 1)",
+                   "crop_area=(0.8, 0.2): must be (min, max) with 0 < min <= max <= 1",
+                   "crop_aspect_ratio=(0.0, 2.0): must be (min, max) with 0 < min <= max.",
+                   "model.kind='vit': use one of resnet, clip"):
+    assert fragment in message
+  config = image.get_config()
+  config.model.kind = "clip"
+  pipeline.validate(config, num_devices=2)
+  config.model.clip.patch_size = 5
+  assert "model.clip.patch_size=5 does not divide data.image_size=32" in _problems(config)
+  pipeline_config = meta.get_config()
+  pipeline_config.stages.image.ema_decay = 1.0
+  assert "stages.image.ema_decay=1.0" in _problems(pipeline_config)
+
+
+def test_an_image_learner_on_the_clip_pretrain_tower_is_a_valid_fashion_main_job():
+  config = meta.get_config("fashion")
+  config.image_checkpoint = "workdir:clip_pretrain/export"
+  config.stages.image.model.kind = "clip"
+  pipeline.validate(config, num_devices=2)
+  assert workdir.stages_referenced(config.stages.image) == {"clip_pretrain"}
+  names = list(config.stages)
+  assert names.index("clip_pretrain") < names.index("image")
+
+
 def test_clip_patch_that_does_not_divide_the_image_is_refused():
   config = clip_pretrain.get_config()
   config.model.clip.patch_size = 5

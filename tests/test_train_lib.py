@@ -7,6 +7,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -185,3 +186,67 @@ def test_learning_rate_without_warm_up_starts_at_the_peak_and_decays_over_every_
 def test_constant_learning_rate_is_the_peak_after_its_warm_up():
   rate = _schedule("constant", 0.1)
   assert [rate(step) for step in (0, 5, 10, 50, 100)] == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])
+
+
+def test_label_smoothing_zero_is_the_plain_loss_and_otherwise_the_smoothed_targets_formula():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(scale=3.0, size=(7, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, 7).astype(np.int32)
+  plain = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  np.testing.assert_array_equal(train_lib.cross_entropy(logits, labels), plain)
+  np.testing.assert_array_equal(train_lib.cross_entropy(logits, labels, 0.0), plain)
+  log_probs = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1,
+                                                                                       keepdims=True))
+  for smoothing in (0.1, 0.4):
+    targets = (1 - smoothing) * np.eye(5)[labels] + smoothing / 5
+    expected = -(targets * log_probs).sum(-1)
+    np.testing.assert_allclose(train_lib.cross_entropy(logits, labels, smoothing), expected,
+                               rtol=1e-5)
+
+
+def test_ema_is_the_debiased_moving_average_of_every_iterate_and_copies_non_float_state():
+  """Five SGD steps on a quadratic with a float and an integer model-state leaf: the EMA params
+  equal sum_t d^(T-t) (1-d) p_t / (1-d^T) over the iterates, the float state likewise, the integer
+  state is the latest; without a decay the state has no EMA at all."""
+  decay = 0.8
+  targets = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+
+  def loss_fn(params, model_state, batch):
+    new_state = {"mean": model_state["mean"] + batch["x"].mean(), "count": model_state["count"] + 1}
+    return jnp.sum((params["w"] - batch["x"]) ** 2), ({}, new_state)
+
+  optimizer = optax.sgd(0.3)
+  params = {"w": jnp.zeros(3)}
+  model_state = {"mean": jnp.float32(0.0), "count": jnp.int32(0)}
+  state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params),
+           "model_state": model_state,
+           "ema": {"params": {"w": jnp.full(3, 9.0)}, "model_state": model_state}}
+  step = jax.jit(train_lib.make_train_step(loss_fn, optimizer, ema_decay=decay))
+  iterates, means = [], []
+  for x in targets:
+    state, _ = step(state, {"x": jnp.asarray(x)})
+    iterates.append(np.asarray(state["params"]["w"], np.float64))
+    means.append(float(state["model_state"]["mean"]))
+  steps = len(targets)
+  weights = np.asarray([decay ** (steps - t) * (1 - decay) for t in range(1, steps + 1)])
+  weights /= 1 - decay ** steps
+  assert weights.sum() == pytest.approx(1.0)
+  np.testing.assert_allclose(state["ema"]["params"]["w"], weights @ np.stack(iterates), rtol=1e-5)
+  assert float(state["ema"]["model_state"]["mean"]) == pytest.approx(weights @ means, rel=1e-5)
+  assert int(state["ema"]["model_state"]["count"]) == steps
+  assert not np.allclose(state["ema"]["params"]["w"], state["params"]["w"], atol=1e-3)
+  assert train_lib.evaluated_model(state)["params"] is state["ema"]["params"]
+  del state["ema"]
+  plain_step = jax.jit(train_lib.make_train_step(loss_fn, optimizer))
+  state, _ = plain_step(state, {"x": jnp.asarray(targets[0])})
+  assert "ema" not in state and train_lib.evaluated_model(state)["params"] is state["params"]
+
+
+def test_ema_weight_is_accurate_in_float32_for_a_decay_close_to_one():
+  """1 - d^t in float32 loses the digits that matter for d = 0.9999; the weight must not."""
+  decay = 0.9999
+  for step in (1, 2, 10, 10_000):
+    average = train_lib.ema_update({"w": jnp.float32(0.0)}, {"w": jnp.float32(1.0)},
+                                   jnp.int32(step), decay)["w"]
+    expected = (1 - decay) / (1 - decay ** step)  # float64
+    assert float(average) == pytest.approx(expected, rel=1e-5)

@@ -237,6 +237,26 @@ class CLIPVisionModel(nnx.Module):
     return {"last_hidden_state": x, "pooler_output": self.post_layernorm(x[:, 0])}
 
 
+class CLIPVisionClassifier(nnx.Module):
+  """The vision tower with a linear head on its pooled class token: an image learner that can start
+  from a contrastively pretrained tower (e.g. the clip_pretrain stage's export).
+
+  The head starts at zero (as in big_vision's fine-tuning): the first steps move the head, not the
+  pretrained features, and the loss starts at log(num_labels).
+  """
+
+  def __init__(self, vision: CLIPVisionModel, num_labels: int, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.vision = vision
+    self.classifier = nnx.Linear(vision.config.hidden_size, num_labels,
+                                 kernel_init=nnx.initializers.zeros_init(), dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, pixel_values: jax.Array) -> dict[str, jax.Array]:
+    pooled = self.vision(pixel_values)["pooler_output"]
+    return {"logits": self.classifier(pooled), "pooler_output": pooled}
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoint import.
 
