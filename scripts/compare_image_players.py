@@ -30,12 +30,6 @@ from absl import app, flags
 
 from jmmshap import metrics, workdir
 
-flags.DEFINE_multi_string("workdir", None, "NAME=WORKDIR of a finished main job; repeatable.")
-flags.DEFINE_string("out", None, "The JSON to write.")
-flags.DEFINE_string("split", "test", "The split whose per-example shares are compared.")
-flags.DEFINE_multi_string("reference", [], "NAME=LOGITS_NPZ of a one-modality learner (W/<stage>/"
-                          "logits_<split>.npz): per-class F1 to correlate per-class T-SHAP with.")
-
 SETTINGS = ("image_players", "patch_grid", "text_players", "value", "method", "max_exact_players")
 
 
@@ -135,6 +129,15 @@ def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
   return pairs
 
 
+def define_flags() -> None:
+  """Only when run as a script: tests import the functions beside other scripts' flags."""
+  flags.DEFINE_multi_string("workdir", None, "NAME=WORKDIR of a finished main job; repeatable.")
+  flags.DEFINE_string("out", None, "The JSON to write.")
+  flags.DEFINE_string("split", "test", "The split whose per-example shares are compared.")
+  flags.DEFINE_multi_string("reference", [], "NAME=LOGITS_NPZ of a one-modality learner (W/<stage>/"
+                            "logits_<split>.npz): per-class F1 to correlate per-class T-SHAP with.")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   report = compare(_pairs(flags.FLAGS.workdir, "workdir"), flags.FLAGS.split,
@@ -146,5 +149,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)
