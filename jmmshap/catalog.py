@@ -309,8 +309,8 @@ def images_fingerprint(image_dir: str, rows: list[Row]) -> str:
   is rebuilt when a photo is replaced or restored, and is still reused when the catalogue is only
   copied or re-mounted (new modification times, same bytes).
 
-  Hashing every byte costs about 1 s for the 44k-photo fashion catalogue (63 MB, warm cache;
-  docs/BENCHMARKS.md), which a dataset preparation or a rerun can afford.
+  Hashing every byte costs 0.8 s for the 44k-photo fashion catalogue (63 MB, warm cache; README,
+  docs/benchmarks/catalog_check.json), which a dataset preparation or a rerun can afford.
   """
   root = os.path.realpath(image_dir)
   digest = hashlib.sha256()

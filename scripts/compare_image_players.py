@@ -71,7 +71,12 @@ def _shares(root: str, split: str) -> dict[str, float]:
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
-  return np.argsort(np.argsort(values)).astype(np.float64)
+  """Ranks from 0, ties sharing their mean rank (per-class F1 of 1.0 is common), as Spearman's rho
+  needs: order-broken ties would make the correlation depend on the class order."""
+  values = np.asarray(values)
+  _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+  first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  return (first + (counts - 1) / 2.0)[inverse].astype(np.float64)
 
 
 def agreement(first: str, second: str, split: str) -> dict[str, Any]:

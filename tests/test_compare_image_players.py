@@ -45,3 +45,16 @@ def test_t_shap_that_follows_the_title_learner_correlates_positively(tmp_path):
   assert report["opposite"]["spearman_t_shap_vs_f1"] == pytest.approx(-1.0)
   assert report["partial"]["classes"] == 2  # A class without shares is left out, not counted as 0.
   assert report["partial"]["spearman_t_shap_vs_f1"] == pytest.approx(1.0)
+
+
+def test_tied_f1_share_their_rank_so_the_class_order_does_not_matter(tmp_path):
+  # Two classes at F1 1.0 (the common case on real titles) and one at 0.
+  path = _logits(tmp_path, labels=[0, 1, 2, 2], predictions=[0, 1, 0, 1])
+  forward = {"per_class_t_shap": {"shoe": 0.9, "shirt": 0.5, "bag": 0.1}}
+  backward = {"per_class_t_shap": {"shoe": 0.5, "shirt": 0.9, "bag": 0.1}}
+  report = compare.against_references({"forward": forward, "backward": backward},
+                                      [("text", path)])["text"]["correlation"]
+  # F1: shoe 2/3, shirt 2/3, bag 0 -> ranks 1.5, 1.5, 0 for both orders.
+  assert report["forward"]["spearman_t_shap_vs_f1"] == pytest.approx(
+      report["backward"]["spearman_t_shap_vs_f1"])
+  assert report["forward"]["spearman_t_shap_vs_f1"] == pytest.approx(np.sqrt(3) / 2)
