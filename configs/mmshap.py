@@ -9,6 +9,10 @@ the MMBT saved in W/mmbt, so nothing about them is repeated here: `data.data_dir
 `text_masking` / `image_masking` (None: as the MMBT was trained; see jmmshap/models/mmbt.py) switch
 how a masked title token ('mask_token' or 'attention') or image embedding ('zero' or 'attention') is
 represented.
+
+Image players: `embeddings` (the default) for the ensemble's weighting; `--config.image_players=patches
+--config.patch_grid=2` for per-product explanations and numbers comparable with the published MM-SHAP
+(docs/RESULTS.md, "Image players": same dataset share on fashion, 7x the cost of embeddings).
 """
 
 import ml_collections

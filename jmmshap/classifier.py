@@ -108,8 +108,11 @@ def build_image_model(config: ml_collections.ConfigDict, num_classes: int,
       vision, _ = clip_vision.from_pretrained(config.init_from, image_size=config.data.image_size,
                                               **dtypes)
     else:
-      clip_config = clip_vision.CLIPVisionConfig(
-          image_size=config.data.image_size, **_clip_fields(config.model.clip))
+      # The tower's record (a checkpoint's architecture also names its model type and image size;
+      # the stage's data decides the size).
+      clip_config = dataclasses.replace(
+          clip_vision.CLIPVisionConfig.from_hf(config.model.clip.to_dict()),
+          image_size=config.data.image_size)
       logging.info("CLIP vision tower: %s", clip_config)
       vision = clip_vision.CLIPVisionModel(clip_config, rngs=rngs, **dtypes)
     return clip_vision.CLIPVisionClassifier(vision, num_classes, rngs=rngs, **dtypes)
@@ -119,14 +122,6 @@ def build_image_model(config: ml_collections.ConfigDict, num_classes: int,
   model_config = resnet_config(config.model)
   logging.info("ResNet: %s", model_config)
   return resnet.ResNet(model_config, num_labels=num_classes, rngs=rngs, **dtypes)
-
-
-def _clip_fields(clip: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The CLIPVisionConfig fields of a config's `model.clip` (a checkpoint's architecture record
-  also holds its model type and image size, which the stage's data decides)."""
-  fields = {field.name for field in dataclasses.fields(clip_vision.CLIPVisionConfig)}
-  return {key: value for key, value in clip.to_dict().items()
-          if key in fields and key != "image_size"}
 
 
 def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,

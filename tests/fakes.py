@@ -3,6 +3,7 @@ batches for it; a tiny HF CLIPModel checkpoint with random weights; workdirs for
 written as the stages write them."""
 
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +142,11 @@ def meta_config(**meta_overrides):
                      log_every_steps=10)
   config.meta.update(meta_overrides)
   return config
+
+
+def as_if_killed_after_checkpoint(stage_dir: str, later_step: int) -> None:
+  """Make a finished stage folder look killed before the checkpoint of `later_step`: that
+  checkpoint and the stage's final outputs never happened, so a rerun resumes from the one before."""
+  shutil.rmtree(os.path.join(stage_dir, "checkpoints", str(later_step)))
+  for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
+    os.remove(os.path.join(stage_dir, name))

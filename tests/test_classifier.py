@@ -13,7 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+import fakes
 from configs import common
+from configs import image as image_configs
 from jmmshap import builders, classifier, input_pipeline, metrics, pipeline, train_lib, workdir
 from jmmshap.models import clip_vision, resnet
 from jmmshap.tokenizer import TitleTokenizer
@@ -248,9 +250,7 @@ def test_a_resumed_run_with_every_option_ends_with_the_same_params_and_average(w
   resumed = str(tmp_path / "resumed")
   shutil.copytree(job, resumed)
   stage = os.path.join(resumed, "image")
-  shutil.rmtree(os.path.join(stage, "checkpoints", "4"))
-  for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
-    os.remove(os.path.join(stage, name))
+  fakes.as_if_killed_after_checkpoint(stage, 4)
   assert pipeline.run(config, resumed) == report
   ours = _restored(os.path.join(stage, "checkpoints", "4", "state"))
   theirs = _restored(os.path.join(job, "image", "checkpoints", "4", "state"))
@@ -319,3 +319,15 @@ def test_an_image_checkpoint_of_another_kind_is_refused_naming_both(tmp_path, ti
                                        r"'clip_vision_model' model: use model.kind='clip'"):
     pipeline.run(config, str(tmp_path / "job"))
   assert not os.path.exists(os.path.join(str(tmp_path / "job"), "image", "checkpoints"))
+
+
+def test_a_clip_learner_from_scratch_has_the_tower_of_model_clip_at_the_data_image_size():
+  config = image_configs.get_config()
+  config.model.kind = "clip"
+  config.model.clip.num_hidden_layers = 1
+  config.data.image_size = 16
+  model = classifier.build_image_model(config, 3, None)
+  assert isinstance(model, clip_vision.CLIPVisionClassifier)
+  assert (model.vision.config.image_size, model.vision.config.num_hidden_layers,
+          model.vision.config.hidden_size) == (16, 1, config.model.clip.hidden_size)
+  np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), 0.0)  # Head starts at 0.

@@ -14,6 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import fakes
 from configs import text as text_config
 from jmmshap import checkpoints, metrics, pipeline, train_lib
 from jmmshap.workdir import StaleStageError
@@ -69,9 +70,7 @@ def test_resumed_run_ends_with_the_same_params_as_an_uninterrupted_one(trained):
   shutil.copytree(workdir, resumed)
   stage = os.path.join(resumed, "text")
   # As if killed right after the step-3 checkpoint: later checkpoints and outputs never happened.
-  shutil.rmtree(os.path.join(stage, "checkpoints", "6"))
-  for name in ("metrics.json", "logits_validation.npz", "logits_test.npz"):
-    os.remove(os.path.join(stage, name))
+  fakes.as_if_killed_after_checkpoint(stage, 6)
   resumed_report = pipeline.run(config, resumed)
   for split in ("validation", "test"):
     assert resumed_report[split] == pytest.approx(report[split])
