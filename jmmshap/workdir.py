@@ -232,9 +232,25 @@ def fingerprint(config: ml_collections.ConfigDict, root: str, *, data: str,
                 class_names: Iterable[str], reads: Mapping[str, str | None]) -> dict[str, Any]:
   """What a stage is built from: its settings, the prepared dataset's identity (its builder's full
   name, which hashes the CSV and the images), the class names and the run of each stage it reads."""
-  settings = flatten(json.loads(resolve_paths(config, root).to_json()))
+  settings = _inside_as_workdir_paths(flatten(json.loads(config.to_json())), root)
   return {"config": {key: value for key, value in settings.items() if key not in UNFINGERPRINTED},
           "data": data, "class_names": list(class_names), "reads": dict(sorted(reads.items()))}
+
+
+def _inside_as_workdir_paths(settings: dict[str, Any], root: str) -> dict[str, Any]:
+  """Checkpoint settings that point into `root` written as `workdir:<path>`, however they were
+  given: a fingerprint holds no location of its own workdir, so a copied or moved workdir keeps its
+  stages (which run of a stage was read is pinned by `reads`)."""
+  settings = dict(settings)
+  for key in CHECKPOINT_KEYS:
+    value = settings.get(key)
+    if isinstance(value, str) and os.path.isabs(value):
+      inside = os.path.relpath(value, os.path.abspath(root))
+      if not inside.startswith(os.pardir):
+        settings[key] = PREFIX + inside.replace(os.sep, "/")
+    elif isinstance(value, str) and value.startswith(PREFIX):
+      settings[key] = PREFIX + os.path.normpath(value[len(PREFIX):]).replace(os.sep, "/")
+  return settings
 
 
 def settings_differences(root: str, stage: str, config: ml_collections.ConfigDict) -> list[str]:
@@ -250,8 +266,13 @@ def settings_differences(root: str, stage: str, config: ml_collections.ConfigDic
 
 
 def read_fingerprint(root: str, stage: str) -> dict[str, Any] | None:
+  """The saved fingerprint; paths into `root` that older versions saved absolute read as
+  `workdir:` paths, as `fingerprint` writes them now."""
   target = path(root, stage, FINGERPRINT)
-  return read_json(target) if os.path.isfile(target) else None
+  if not os.path.isfile(target):
+    return None
+  saved = read_json(target)
+  return {**saved, "config": _inside_as_workdir_paths(saved["config"], root)}
 
 
 def run_of(root: str, stage: str) -> str | None:

@@ -317,6 +317,24 @@ MUTANTS = (
            "The CLIP image learner normalises photos with ImageNet's statistics, not its tower's.",
            ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
             "from_it_and_trains",)),
+    # Small-map convolutions as matmuls; workdir-relative fingerprints.
+    Mutant("conv_patches_transposed", "jmmshap/models/resnet.py",
+           "for i in range(kernel_height) for j in range(kernel_width)], axis=-1)",
+           "for j in range(kernel_width) for i in range(kernel_height)], axis=-1)",
+           "conv_as_matmul orders the patch features column-major, not as the kernel's rows.",
+           ("tests/test_resnet.py::test_conv_as_matmul_is_the_padded_strided_convolution",)),
+    Mutant("matmul_route_off_at_its_threshold", "jmmshap/models/resnet.py",
+           "if height * width <= self.matmul_conv_positions:",
+           "if height * width < self.matmul_conv_positions:",
+           "2x2 output maps (the ones XLA's CPU convolution is slow on) keep the convolution.",
+           ("tests/test_resnet.py::test_small_output_maps_run_as_a_matmul_with_the_convolutions_"
+            "numbers",)),
+    Mutant("fingerprint_keeps_absolute_workdir_paths", "jmmshap/workdir.py",
+           "settings = _inside_as_workdir_paths(flatten(json.loads(config.to_json())), root)",
+           "settings = flatten(json.loads(resolve_paths(config, root).to_json()))",
+           "A fingerprint holds its workdir's location, so a copied workdir's stages turn stale.",
+           ("tests/test_workdir.py::test_a_copied_workdir_keeps_its_stages_and_older_absolute_"
+            "fingerprints_still_match",)),
 )
 
 

@@ -216,6 +216,41 @@ def test_train_mode_updates_running_stats_and_eval_mode_uses_them():
   np.testing.assert_allclose(model.stem(images), expected_stem, rtol=1e-4, atol=1e-5)
 
 
+def _conv_count(model, images) -> int:
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x)["logits"])(state, images)
+  return str(jaxpr).count("conv_general_dilated")
+
+
+def test_small_output_maps_run_as_a_matmul_with_the_convolutions_numbers():
+  # Four stages at 32 px: 8x8, 4x4, 2x2 and 1x1 maps. The convolutions with at most 4 output
+  # positions (stage 3's and 4's, and the stride-2 shortcuts into them) become patch matmuls.
+  def build(matmul_conv_positions):
+    config = resnet.ResNetConfig(depths=(1, 1, 1, 1), layer_type="basic", hidden_sizes=(8, 8, 16, 16),
+                                 embedding_size=8, matmul_conv_positions=matmul_conv_positions)
+    return resnet.ResNet(config, num_labels=3, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  images = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3).astype(np.float32))
+  with_matmuls, convolutions_only = build(4), build(0)
+  assert _conv_count(convolutions_only, images) == 12  # stem + 8 block convs + 3 stride-2 shortcuts
+  # Stage 3 (3x3/2 into 2x2 and its 1x1/2 shortcut, then a 3x3 at 2x2) and stage 4 likewise.
+  assert _conv_count(with_matmuls, images) == 12 - 6
+  for mode in ("train", "eval"):
+    getattr(with_matmuls, mode)(), getattr(convolutions_only, mode)()
+    np.testing.assert_allclose(_forward(with_matmuls, images)["logits"],
+                               _forward(convolutions_only, images)["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,stride,size", [(3, 1, 2), (3, 2, 3), (1, 2, 4), (7, 2, 4)])
+def test_conv_as_matmul_is_the_padded_strided_convolution(kernel_size, stride, size):
+  x = jnp.asarray(np.random.RandomState(3).randn(2, size, size, 5).astype(np.float32))
+  kernel = jnp.asarray(np.random.RandomState(4).randn(kernel_size, kernel_size, 5, 6), jnp.float32)
+  pad = kernel_size // 2
+  expected = jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(resnet.conv_as_matmul(x, kernel, stride, pad), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_batch_stats(checkpoints, images):
   _, folder = checkpoints["basic"]
   reference, _ = models.from_pretrained(folder)

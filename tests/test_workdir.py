@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 
@@ -98,6 +99,33 @@ def test_a_stage_folder_is_claimed_once_and_refused_to_other_inputs(tmp_path):
                                                     r"run's \(num_epochs: 8 there, 3 now\).*"
                                                     r"--config.rerun=text"):
     workdir.claim(root, "text", _fingerprint(root, num_epochs=3), training=True)
+
+
+def test_a_copied_workdir_keeps_its_stages_and_older_absolute_fingerprints_still_match(tmp_path):
+  first, copy = str(tmp_path / "a"), str(tmp_path / "b")
+
+  def current(root, config=mmbt.get_config("fashion")):  # init_from_image=workdir:clip_pretrain/export
+    return workdir.fingerprint(config, root, data="d/1", class_names=["x"],
+                               reads={"clip_pretrain": "run1"})
+
+  workdir.claim(first, "mmbt", current(first), training=True)
+  shutil.copytree(first, copy)
+  workdir.claim(copy, "mmbt", current(copy), training=False)  # Not stale: same inputs, elsewhere.
+  assert workdir.read_fingerprint(copy, "mmbt")["config"]["init_from_image"] == (
+      "workdir:clip_pretrain/export")
+  # The resolved spelling of the same checkpoint is the same input.
+  workdir.claim(copy, "mmbt", current(copy, workdir.resolve_paths(mmbt.get_config("fashion"), copy)),
+                training=False)
+  # Older versions saved the resolved path; in place it still matches.
+  old = current(first)
+  old["config"]["init_from_image"] = os.path.join(first, "clip_pretrain", "export")
+  workdir.write_json(workdir.path(first, "mmbt", workdir.FINGERPRINT), {**old, "run": "r"})
+  workdir.claim(first, "mmbt", current(first), training=False)
+  # A checkpoint outside the workdir (the first one's, read from the copy) is another input.
+  with pytest.raises(workdir.StaleStageError, match=r"init_from_image: 'workdir:clip_pretrain/"
+                                                    r"export' there, '/.*/a/clip_pretrain/export' now"):
+    workdir.claim(copy, "mmbt", current(copy, workdir.resolve_paths(mmbt.get_config("fashion"), first)),
+                  training=False)
 
 
 def test_a_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):

@@ -57,6 +57,9 @@ class ResNetConfig:
   (convolutions on the main path + the classifier). `hidden_sizes` defaults to the standard stage widths.
   `small_stem` replaces the 7x7/2 convolution and max-pool by one 3x3/1 convolution, which keeps enough
   resolution for 32 to 80 px inputs (CIFAR-style); it cannot load ImageNet stems.
+  `matmul_conv_positions`: a convolution whose output map has at most this many positions runs as
+  one matmul of its patches (same numbers up to rounding). XLA's CPU convolution is 10-25x slower
+  on 2x2 maps (the last stage at 64 px) than this matmul (scripts/bench_small_maps.py); 0 turns it off.
   """
   depth: int | None = None
   depths: tuple[int, ...] | None = None
@@ -67,6 +70,7 @@ class ResNetConfig:
   num_channels: int = 3
   downsample_in_first_stage: bool = False
   downsample_in_bottleneck: bool = False
+  matmul_conv_positions: int = 4
 
   def __post_init__(self):
     depths, layer_type = self.depths, self.layer_type
@@ -129,8 +133,9 @@ class ConvBatchNorm(nnx.Module):
   """A bias-free convolution and its BatchNorm, padded like torch (k // 2 each side, even at stride 2)."""
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, *,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               matmul_conv_positions: int = 0, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     pad = kernel_size // 2
+    self.stride, self.pad, self.matmul_conv_positions = stride, pad, matmul_conv_positions
     self.conv = nnx.Conv(
         in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
         padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_CONV_INIT,
@@ -140,7 +145,27 @@ class ConvBatchNorm(nnx.Module):
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.norm(self.conv(x))
+    kernel_size = self.conv.kernel_size[0]
+    height, width = ((n + 2 * self.pad - kernel_size) // self.stride + 1 for n in x.shape[1:3])
+    if height * width <= self.matmul_conv_positions:
+      dtype = self.conv.dtype or x.dtype
+      y = conv_as_matmul(x.astype(dtype), self.conv.kernel[...].astype(dtype), self.stride, self.pad)
+    else:
+      y = self.conv(x)
+    return self.norm(y)
+
+
+def conv_as_matmul(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """An NHWC x HWIO convolution as (patches @ kernel): what small output maps run fastest as."""
+  kernel_height, kernel_width, in_channels, out_channels = kernel.shape
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  height = (padded.shape[1] - kernel_height) // stride + 1
+  width = (padded.shape[2] - kernel_width) // stride + 1
+  # Patch features ordered (row, column, channel), as the HWIO kernel's reshape orders them.
+  patches = jnp.concatenate(
+      [padded[:, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
+       for i in range(kernel_height) for j in range(kernel_width)], axis=-1)
+  return patches @ kernel.reshape(kernel_height * kernel_width * in_channels, out_channels)
 
 
 class ResidualBlock(nnx.Module):
@@ -148,9 +173,10 @@ class ResidualBlock(nnx.Module):
   whenever the width or the resolution changes."""
 
   def __init__(self, in_channels: int, out_channels: int, stride: int, layer_type: str, *,
-               downsample_in_bottleneck: bool = False, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs):
-    layer_kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               downsample_in_bottleneck: bool = False, matmul_conv_positions: int = 0, dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
+    layer_kwargs = dict(matmul_conv_positions=matmul_conv_positions, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
     if layer_type == "basic":
       convs = [ConvBatchNorm(in_channels, out_channels, 3, stride, **layer_kwargs),
                ConvBatchNorm(out_channels, out_channels, 3, 1, **layer_kwargs)]
@@ -187,7 +213,8 @@ class ResNet(nnx.Module):
     self.num_labels = num_labels or None
     self.dtype = dtype
     self.param_dtype = param_dtype
-    layer_kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    layer_kwargs = dict(matmul_conv_positions=config.matmul_conv_positions, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
     if config.small_stem:
       self.stem = ConvBatchNorm(config.num_channels, config.embedding_size, 3, 1, **layer_kwargs)
     else:
