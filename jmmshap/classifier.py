@@ -475,7 +475,11 @@ def check_vocabulary(config: ml_collections.ConfigDict, tokenizer: TitleTokenize
 
 def fingerprint(config: ml_collections.ConfigDict, root: str,
                 builder: tfds.core.DatasetBuilder | None = None) -> dict[str, Any]:
-  """What a classifier (or clip_pretrain) stage is built from: see `workdir.fingerprint`."""
+  """What a classifier (or clip_pretrain) stage is built from: see `workdir.fingerprint`.
+
+  `config` may still hold `workdir:` paths (the main job checks a finished stage with the config
+  it was given): they are resolved into `root` before a checkpoint is read for its architecture."""
+  config = workdir.resolve_paths(config, root)
   if config.stage in CLASSIFIERS:
     config = effective_config(config)
   builder = builder or builders.builder_for(config.data)

@@ -316,7 +316,7 @@ MUTANTS = (
            "clip = False",
            "The CLIP image learner normalises photos with ImageNet's statistics, not its tower's.",
            ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
-            "from_it_and_trains",)),
+            "from_it_trains_and_is_reusable",)),
     # Small-map convolutions as matmuls; workdir-relative fingerprints.
     Mutant("conv_patches_transposed", "jmmshap/models/resnet.py",
            "for i in range(kernel_height) for j in range(kernel_width)], axis=-1)",
@@ -335,6 +335,13 @@ MUTANTS = (
            "A fingerprint holds its workdir's location, so a copied workdir's stages turn stale.",
            ("tests/test_workdir.py::test_a_copied_workdir_keeps_its_stages_and_older_absolute_"
             "fingerprints_still_match",)),
+    Mutant("reuse_check_reads_workdir_path_unresolved", "jmmshap/classifier.py",
+           "  config = workdir.resolve_paths(config, root)\n  if config.stage in CLASSIFIERS:",
+           "  if config.stage in CLASSIFIERS:",
+           "The main job's reuse check opens a `workdir:` checkpoint path as it is (a finished stage "
+           "that starts from clip_pretrain's export cannot be reused).",
+           ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
+            "from_it_trains_and_is_reusable",)),
 )
 
 

@@ -285,11 +285,11 @@ def _save_clip_tower(folder: str, image_size: int = 32) -> clip_vision.CLIPVisio
   return tower
 
 
-def test_an_image_learner_on_the_clip_pretrain_tower_starts_from_it_and_trains(
+def test_an_image_learner_on_the_clip_pretrain_tower_starts_from_it_trains_and_is_reusable(
     tmp_path, tmp_path_factory, tiny):
   """model.kind='clip' with init_from=workdir:clip_pretrain/export: the tower's weights are the
-  export's, the head starts at zero, the normalisation is CLIP's, and the stage trains and records
-  the checkpoint's architecture."""
+  export's, the head starts at zero, the normalisation is CLIP's, and the stage trains, records
+  the checkpoint's architecture, and is found finished by the main job's check of its config."""
   job = str(tmp_path / "job")
   tower = _save_clip_tower(os.path.join(job, "clip_pretrain", "export"))
   config = tiny.config("image", str(tmp_path_factory.getbasetemp() / "tfds_stages"), {
@@ -309,6 +309,11 @@ def test_an_image_learner_on_the_clip_pretrain_tower_starts_from_it_and_trains(
   assert list(saved.data.image_std) == list(input_pipeline.CLIP_STD)
   restored = classifier.load_trained(job, classifier.IMAGE)
   assert isinstance(restored.model, clip_vision.CLIPVisionClassifier)
+  # The main job fingerprints the config as given, its workdir: path unresolved: same inputs.
+  saved_fingerprint = workdir.read_fingerprint(job, "image")
+  assert saved_fingerprint["config"]["init_from"] == "workdir:clip_pretrain/export"
+  assert workdir.fingerprint_differences(saved_fingerprint,
+                                         classifier.fingerprint(config, job)) == ([], [])
 
 
 def test_an_image_checkpoint_of_another_kind_is_refused_naming_both(tmp_path, tiny):
