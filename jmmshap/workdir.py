@@ -111,11 +111,17 @@ def stages_referenced(config: ml_collections.ConfigDict, root: str | None = None
       continue
     if value.startswith(PREFIX):
       stages.add(value[len(PREFIX):].split("/")[0])
-    elif root is not None and os.path.isabs(value):
-      inside = os.path.relpath(value, os.path.abspath(root))
-      if not inside.startswith(os.pardir):
-        stages.add(inside.split(os.sep)[0])
+    elif root is not None and (inside := _path_inside(value, root)) is not None:
+      stages.add(inside.split("/")[0])
   return stages
+
+
+def _path_inside(value: str, root: str) -> str | None:
+  """`value`'s path relative to the workdir `root` ('/'-separated), or None when it is elsewhere."""
+  if not os.path.isabs(value):
+    return None
+  inside = os.path.relpath(value, os.path.abspath(root))
+  return None if inside.startswith(os.pardir) else inside.replace(os.sep, "/")
 
 
 def is_writer() -> bool:
@@ -232,24 +238,21 @@ def fingerprint(config: ml_collections.ConfigDict, root: str, *, data: str,
                 class_names: Iterable[str], reads: Mapping[str, str | None]) -> dict[str, Any]:
   """What a stage is built from: its settings, the prepared dataset's identity (its builder's full
   name, which hashes the CSV and the images), the class names and the run of each stage it reads."""
-  settings = _inside_as_workdir_paths(flatten(json.loads(config.to_json())), root)
+  settings = flatten(json.loads(resolve_paths(config, root).to_json()))
+  settings = _inside_as_workdir_paths(settings, root)
   return {"config": {key: value for key, value in settings.items() if key not in UNFINGERPRINTED},
           "data": data, "class_names": list(class_names), "reads": dict(sorted(reads.items()))}
 
 
 def _inside_as_workdir_paths(settings: dict[str, Any], root: str) -> dict[str, Any]:
-  """Checkpoint settings that point into `root` written as `workdir:<path>`, however they were
-  given: a fingerprint holds no location of its own workdir, so a copied or moved workdir keeps its
-  stages (which run of a stage was read is pinned by `reads`)."""
+  """Resolved checkpoint settings that point into `root` written back as `workdir:<path>`: a
+  fingerprint holds no location of its own workdir, so a copied or moved workdir keeps its stages
+  (which run of a stage was read is pinned by `reads`)."""
   settings = dict(settings)
   for key in CHECKPOINT_KEYS:
     value = settings.get(key)
-    if isinstance(value, str) and os.path.isabs(value):
-      inside = os.path.relpath(value, os.path.abspath(root))
-      if not inside.startswith(os.pardir):
-        settings[key] = PREFIX + inside.replace(os.sep, "/")
-    elif isinstance(value, str) and value.startswith(PREFIX):
-      settings[key] = PREFIX + os.path.normpath(value[len(PREFIX):]).replace(os.sep, "/")
+    if isinstance(value, str) and (inside := _path_inside(value, root)) is not None:
+      settings[key] = PREFIX + inside
   return settings
 
 

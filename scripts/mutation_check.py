@@ -330,8 +330,8 @@ MUTANTS = (
            ("tests/test_resnet.py::test_small_output_maps_run_as_a_matmul_with_the_convolutions_"
             "numbers",)),
     Mutant("fingerprint_keeps_absolute_workdir_paths", "jmmshap/workdir.py",
-           "settings = _inside_as_workdir_paths(flatten(json.loads(config.to_json())), root)",
-           "settings = flatten(json.loads(resolve_paths(config, root).to_json()))",
+           "  settings = _inside_as_workdir_paths(settings, root)\n",
+           "",
            "A fingerprint holds its workdir's location, so a copied workdir's stages turn stale.",
            ("tests/test_workdir.py::test_a_copied_workdir_keeps_its_stages_and_older_absolute_"
             "fingerprints_still_match",)),
