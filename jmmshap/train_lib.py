@@ -116,6 +116,21 @@ def evaluated_model(state: dict) -> dict:
   return {"params": source["params"], "model_state": source.get("model_state")}
 
 
+def initial_state(config: ml_collections.ConfigDict, params: Any, model_state: Any,
+                  optimizer: optax.GradientTransformation) -> dict:
+  """The train state before step 1: {step, params, opt_state[, model_state][, ema]}; also the
+  tree a saved train state is restored into."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+  if model_state is not None:
+    state["model_state"] = model_state
+  if config.get("ema_decay", 0.0):
+    # Its starting value gets weight 0 (`ema_update`); it only fixes the tree. Copies: the state is
+    # donated to the step, and one buffer cannot be donated twice.
+    state["ema"] = {name: jax.tree.map(jnp.copy, state[name])
+                    for name in ("params", "model_state") if name in state}
+  return state
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     ema_decay: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics); state = {step, params, opt_state[, model_state][, ema]}.
@@ -236,15 +251,8 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
   parallel.check_batch_size(config.batch_size)
   total_steps, eval_every, checkpoint_every, log_every = step_plan(config, len(train_source))
   optimizer, schedule = make_optimizer(config.optimizer, total_steps)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-  if model_state is not None:
-    state["model_state"] = model_state
   ema_decay = config.get("ema_decay", 0.0)
-  if ema_decay:  # Its starting value gets weight 0 (`ema_update`); it only fixes the tree.
-    # Copies: the state is donated to the step, and one buffer cannot be donated twice.
-    state["ema"] = {name: jax.tree.map(jnp.copy, state[name])
-                    for name in ("params", "model_state") if name in state}
-  state = parallel.replicate(state, mesh)
+  state = parallel.replicate(initial_state(config, params, model_state, optimizer), mesh)
 
   store = checkpoints.StageCheckpoints(directory, config.get("keep_checkpoints", 2))
   try:

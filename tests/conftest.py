@@ -19,6 +19,8 @@ import ml_collections
 import pytest
 import train_subprocess
 
+from jmmshap import pipeline
+
 _BERT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
 _CLIP = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
          "patch_size": 16}
@@ -95,6 +97,25 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny() -> type[Tiny]:
   return Tiny
+
+
+# The stronger image learner's options, all on: crops and flips, label smoothing, a moving average
+# of the params, flip-averaged evaluation. 4 steps, validation and checkpoints at steps 2 and 4.
+IMAGE_OPTIONS = {"random_flip": True, "random_crop": True, "crop_area": (0.3, 0.7),
+                 "label_smoothing": 0.3, "ema_decay": 0.5, "eval_flip_average": True,
+                 "total_steps": 4, "eval_every_steps": 2, "checkpoint_every_steps": 2,
+                 "optimizer.learning_rate": 0.02}
+
+
+@pytest.fixture(scope="session")
+def with_options(tmp_path_factory, tiny):
+  """(config, workdir, report) of a tiny image stage trained with every option of IMAGE_OPTIONS;
+  shared by the tests of the stage and of scripts/eval_options.py (read it, never change it)."""
+  root = tmp_path_factory.getbasetemp()
+  config = tiny.config("image", str(root / "tfds_stages"), IMAGE_OPTIONS)
+  job = str(tmp_path_factory.mktemp("image_options"))
+  report = pipeline.run(config, job)
+  return config, job, report
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -120,22 +120,6 @@ def test_the_best_checkpoints_validation_is_evaluated_once(tmp_path, tiny, monke
   assert sources == [24, 24]
 
 
-# The stronger image learner's options, all on: crops and flips, label smoothing, a moving average
-# of the params, flip-averaged evaluation. 4 steps, validation and checkpoints at steps 2 and 4.
-OPTIONS = {"random_flip": True, "random_crop": True, "crop_area": (0.3, 0.7), "label_smoothing": 0.3,
-           "ema_decay": 0.5, "eval_flip_average": True, "total_steps": 4, "eval_every_steps": 2,
-           "checkpoint_every_steps": 2, "optimizer.learning_rate": 0.02}
-
-
-@pytest.fixture(scope="module")
-def with_options(tmp_path_factory, tiny):
-  root = tmp_path_factory.getbasetemp()
-  config = tiny.config("image", str(root / "tfds_stages"), OPTIONS)
-  job = str(tmp_path_factory.mktemp("image_options"))
-  report = pipeline.run(config, job)
-  return config, job, report
-
-
 def _restored(path: str) -> dict:
   return ocp.StandardCheckpointer().restore(path)
 
