@@ -36,7 +36,8 @@ import time
 from collections.abc import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COPIED = ("jmmshap", "tests", "configs", "train.py", "predict.py", "pyproject.toml", "README.md")
+COPIED = ("jmmshap", "tests", "configs", "scripts", "train.py", "predict.py", "pyproject.toml",
+          "README.md")
 PYTEST = ("-m", "pytest", "-q", "-x", "-p", "no:cacheprovider")
 
 
@@ -66,6 +67,7 @@ EMA_FORMULA = ("tests/test_train_lib.py::test_ema_is_the_debiased_moving_average
 EMA_BEST = ("tests/test_classifier.py::test_the_moving_average_is_checkpointed_and_is_what_best_holds",)
 EMA_OUTPUTS = ("tests/test_classifier.py::test_validation_test_and_eval_mode_use_the_moving_average_"
                "with_flip_averaging",)
+EVAL_OPTIONS = ("tests/test_eval_options.py::test_each_row_is_the_params_and_flip_setting_it_names",)
 
 MUTANTS = (
     # Shapley engine.
@@ -342,6 +344,15 @@ MUTANTS = (
            "that starts from clip_pretrain's export cannot be reused).",
            ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
             "from_it_trains_and_is_reusable",)),
+    # scripts/eval_options.py: the evaluation-only options measured on one finished run.
+    Mutant("eval_options_ema_row_is_the_trained_params", "scripts/eval_options.py",
+           "variants[\"ema\"] = train_lib.evaluated_model(state)",
+           "variants[\"ema\"] = variants[\"trained\"]",
+           "The script's EMA rows evaluate the trained params.", EVAL_OPTIONS),
+    Mutant("eval_options_never_flips", "scripts/eval_options.py",
+           "classifier.make_eval_step(graphdef, stage.inputs, flip)",
+           "classifier.make_eval_step(graphdef, stage.inputs, False)",
+           "The script's flip-averaged rows evaluate the photos alone.", EVAL_OPTIONS),
 )
 
 
