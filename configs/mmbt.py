@@ -22,8 +22,9 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.data.max_length = 16 if variant == "toyshop" else 32
   config.data.vocab_size = 1000 if variant == "toyshop" else 8000
   config.data.tokenizer = ml_collections.config_dict.placeholder(str)
-  config.data.image_mean = common.CLIP_MEAN
-  config.data.image_std = common.CLIP_STD
+  # Normalisation; None: the tower's own (CLIP's for the CLIP tower, ImageNet's for the ResNet).
+  config.data.image_mean = ml_collections.config_dict.placeholder(tuple)
+  config.data.image_std = ml_collections.config_dict.placeholder(tuple)
   config.init_from_text = ml_collections.config_dict.placeholder(str)
   config.init_from_text_layers = 0  # Keep only the first layers of init_from_text (0: all).
   config.init_from_image = ml_collections.config_dict.placeholder(str)

@@ -138,7 +138,10 @@ def build_mmbt_model(config: ml_collections.ConfigDict, num_classes: int,
           clip_vision.CLIPVisionConfig(image_size=image_size, **model_config.clip.to_dict()),
           rngs=rngs, **dtypes)
   elif model_config.image_tower == "resnet":
-    vision = resnet.ResNet(resnet_config(model_config.resnet), rngs=rngs, **dtypes)
+    if config.get("init_from_image"):  # E.g. the image learner's export: its tower, not its head.
+      vision, _ = models.from_pretrained(config.init_from_image, num_labels=0, **dtypes)
+    else:
+      vision = resnet.ResNet(resnet_config(model_config.resnet), rngs=rngs, **dtypes)
   else:
     raise ValueError(f"model.image_tower={model_config.image_tower!r}: use 'clip' or 'resnet'")
   max_positions = max(config.data.max_length, model_config.num_image_embeddings + 2)
@@ -183,7 +186,21 @@ def effective_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     if config.get("init_from_image") and config.model.image_tower == "clip":
       config.model.clip = models.architecture(config.init_from_image,
                                               image_size=config.data.image_size)
+    elif config.get("init_from_image") and config.model.image_tower == "resnet":
+      config.model.resnet = models.architecture(config.init_from_image)
+    _resolve_normalisation(config, clip=config.model.image_tower == "clip")
   return config
+
+
+def _resolve_normalisation(config: ml_collections.ConfigDict, clip: bool) -> None:
+  """`data.image_mean`/`image_std` left empty take the tower's own: CLIP's for a CLIP tower,
+  ImageNet's for a ResNet."""
+  if "image_mean" not in config.data:  # Configs saved before these fields existed used ImageNet's.
+    return
+  if config.data.image_mean is None:
+    config.data.image_mean = input_pipeline.CLIP_MEAN if clip else input_pipeline.IMAGENET_MEAN
+  if config.data.image_std is None:
+    config.data.image_std = input_pipeline.CLIP_STD if clip else input_pipeline.IMAGENET_STD
 
 
 def _resolve_image_model(config: ml_collections.ConfigDict) -> None:
@@ -204,12 +221,7 @@ def _resolve_image_model(config: ml_collections.ConfigDict) -> None:
       config.model.clip = architecture
     else:
       config.model = {**architecture, **({"kind": kind} if "kind" in config.model else {})}
-  if "image_mean" in config.data:  # Configs saved before these fields existed used ImageNet's.
-    clip = kind == "clip"
-    if config.data.image_mean is None:
-      config.data.image_mean = input_pipeline.CLIP_MEAN if clip else input_pipeline.IMAGENET_MEAN
-    if config.data.image_std is None:
-      config.data.image_std = input_pipeline.CLIP_STD if clip else input_pipeline.IMAGENET_STD
+  _resolve_normalisation(config, clip=kind == "clip")
 
 
 def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
@@ -461,6 +473,17 @@ def logits_fn(trained: TrainedStage, stage: ClassifierStage, mesh: jax.sharding.
 # The stage.
 
 
+def export_image_tower(model: nnx.Module, path: str, class_names: list[str]) -> None:
+  """The image learner's best model as a Hugging Face folder, for the MMBT's
+  `init_from_image=workdir:image/export` and for transformers: a ResNetForImageClassification, or
+  the CLIP learner's CLIPVisionModel tower (without its head)."""
+  if isinstance(model, clip_vision.CLIPVisionClassifier):
+    write = lambda partial: clip_vision.save_pretrained(model.vision, partial)
+  else:
+    write = lambda partial: resnet.save_pretrained(model, partial, class_names)
+  workdir.write_folder_atomically(path, write)
+
+
 def check_vocabulary(config: ml_collections.ConfigDict, tokenizer: TitleTokenizer) -> None:
   """A pretrained text tower must be fed ids of its own vocabulary (before any work)."""
   model = config.model if config.stage == TEXT.name else config.model.get("bert")
@@ -555,6 +578,9 @@ def run(config: ml_collections.ConfigDict, root: str,
   best, best_metrics = checkpoints.restore_best(directory, abstract_model)
   logging.info("%s: evaluating the best checkpoint (step %s, validation f1_macro %.4f)", stage.name,
                best_metrics.get("step"), best_metrics.get("f1_macro", float("nan")))
+  if stage is IMAGE and workdir.is_writer():
+    export_image_tower(nnx.merge(eval_graphdef, best["params"], best["model_state"]),
+                       os.path.join(directory, workdir.EXPORT), class_names)
   results = {split: (validated[best_metrics["step"]]
                      if split == "validation" and best_metrics.get("step") in validated
                      else evaluate_split(split, best["params"], best["model_state"]))

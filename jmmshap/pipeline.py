@@ -48,12 +48,13 @@ class Stage:
   fingerprint: Callable[[ml_collections.ConfigDict, str], dict] | None = None
 
 
-def _classifier(stage: classifier.ClassifierStage, reads: tuple[str, ...] = ()) -> Stage:
+def _classifier(stage: classifier.ClassifierStage, reads: tuple[str, ...] = (),
+                writes: tuple[str, ...] = ()) -> Stage:
   return Stage(
       stage.name, functools.partial(classifier.run, stage=stage),
       lambda config, prefix, devices, siblings: classifier.check_config(config, prefix),
       reads=reads,
-      writes=(workdir.METRICS, *(workdir.logits_file(split) for split in EVAL_SPLITS)),
+      writes=(workdir.METRICS, *(workdir.logits_file(split) for split in EVAL_SPLITS), *writes),
       fingerprint=classifier.fingerprint)
 
 
@@ -70,8 +71,10 @@ STAGES: tuple[Stage, ...] = (
           lambda config, prefix, devices, siblings: clip_pretrain.check_config(config, prefix),
           writes=(workdir.METRICS, workdir.EXPORT_WEIGHTS), optional=True,
           fingerprint=classifier.fingerprint),
-    _classifier(classifier.IMAGE, reads=(clip_pretrain.STAGE,)),
-    _classifier(classifier.MMBT, reads=(clip_pretrain.STAGE,)),
+    # Its export (a HF folder of its tower) is what an MMBT on the image learner's ResNet starts
+    # from; a finished folder of an older version without one is evaluated again to write it.
+    _classifier(classifier.IMAGE, reads=(clip_pretrain.STAGE,), writes=(workdir.EXPORT_WEIGHTS,)),
+    _classifier(classifier.MMBT, reads=(clip_pretrain.STAGE, classifier.IMAGE.name)),
     Stage(mmshap_stage.STAGE, mmshap_stage.run, _mmshap_check, reads=(classifier.MMBT.name,),
           writes=tuple(workdir.shares_file(split) for split in EVAL_SPLITS),
           fingerprint=mmshap_stage.fingerprint),

@@ -14,13 +14,15 @@ Every module asks here where a stage's files are; none spells another stage's fi
     logits_{split}.npz   logits, labels, ids, class_names (classifier stages)
     predictions_test.npz every method's test probabilities by id (meta)
     mmshap_{split}.npz   per-example MM-SHAP (the mmshap stage), summary.json
-    export/              the pretrained vision tower as a Hugging Face folder (clip_pretrain)
+    export/              the vision tower as a Hugging Face folder (clip_pretrain; image: the
+                         image learner's best model, for an MMBT on its tower)
 
 The predictor's output folder (`predict.py --output=OUT`): predictions.csv, summary.json,
 metrics.json (with labels), bad_rows.json, mmshap.npz, explanations.html, explanations/*.png.
 
 A config may name an earlier stage's output before the workdir is chosen: `workdir:<stage>/<path>`
-(e.g. the fashion MMBT's `init_from_image=workdir:clip_pretrain/export`).
+(e.g. the fashion MMBT's `init_from_image=workdir:clip_pretrain/export`, or `workdir:image/export`
+with `model.image_tower=resnet`).
 
 Files that later stages or a resumed run read back are written atomically (`write_atomically`):
 a run killed mid-write leaves the old file or none, never half of one.

@@ -67,6 +67,8 @@ EMA_FORMULA = ("tests/test_train_lib.py::test_ema_is_the_debiased_moving_average
 EMA_BEST = ("tests/test_classifier.py::test_the_moving_average_is_checkpointed_and_is_what_best_holds",)
 EMA_OUTPUTS = ("tests/test_classifier.py::test_validation_test_and_eval_mode_use_the_moving_average_"
                "with_flip_averaging",)
+MMBT_ON_IMAGE_LEARNER = ("tests/test_classifier.py::test_an_mmbt_on_the_image_learners_resnet_"
+                         "starts_from_its_export",)
 EVAL_OPTIONS = ("tests/test_eval_options.py::test_each_row_is_the_params_and_flip_setting_it_names",)
 
 MUTANTS = (
@@ -314,8 +316,8 @@ MUTANTS = (
            ("tests/test_classifier.py::test_flip_averaged_evaluation_is_the_mean_of_the_photo_and_"
             "mirror_logits",)),
     Mutant("clip_learner_normalised_as_imagenet", "jmmshap/classifier.py",
-           "clip = kind == \"clip\"",
-           "clip = False",
+           "_resolve_normalisation(config, clip=kind == \"clip\")",
+           "_resolve_normalisation(config, clip=False)",
            "The CLIP image learner normalises photos with ImageNet's statistics, not its tower's.",
            ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
             "from_it_trains_and_is_reusable",)),
@@ -344,6 +346,17 @@ MUTANTS = (
            "that starts from clip_pretrain's export cannot be reused).",
            ("tests/test_classifier.py::test_an_image_learner_on_the_clip_pretrain_tower_starts_"
             "from_it_trains_and_is_reusable",)),
+    # The MMBT on the image learner's ResNet (its export).
+    Mutant("mmbt_resnet_normalised_as_clip", "jmmshap/classifier.py",
+           "_resolve_normalisation(config, clip=config.model.image_tower == \"clip\")",
+           "_resolve_normalisation(config, clip=True)",
+           "An MMBT on a ResNet tower normalises photos with CLIP's statistics, not ImageNet's.",
+           MMBT_ON_IMAGE_LEARNER),
+    Mutant("mmbt_resnet_tower_ignores_its_checkpoint", "jmmshap/classifier.py",
+           "if config.get(\"init_from_image\"):  # E.g. the image learner's export",
+           "if False:  # E.g. the image learner's export",
+           "model.image_tower='resnet' starts from scratch whatever init_from_image names.",
+           MMBT_ON_IMAGE_LEARNER),
     # scripts/eval_options.py: the evaluation-only options measured on one finished run.
     Mutant("eval_options_ema_row_is_the_trained_params", "scripts/eval_options.py",
            "variants[\"ema\"] = train_lib.evaluated_model(state)",

@@ -320,3 +320,50 @@ def test_a_clip_learner_from_scratch_has_the_tower_of_model_clip_at_the_data_ima
   assert (model.vision.config.image_size, model.vision.config.num_hidden_layers,
           model.vision.config.hidden_size) == (16, 1, config.model.clip.hidden_size)
   np.testing.assert_array_equal(np.asarray(model.classifier.kernel[...]), 0.0)  # Head starts at 0.
+
+
+def test_an_mmbt_on_the_image_learners_resnet_starts_from_its_export(with_options, tiny):
+  """The image stage exports its best model as a ResNetForImageClassification folder named with the
+  classes; model.image_tower='resnet' with init_from_image=workdir:image/export gives the MMBT that
+  model's tower without its head (BatchNorm statistics included), normalised as it was trained
+  (ImageNet's statistics; a CLIP tower keeps CLIP's), with its architecture recorded."""
+  config, job, _ = with_options
+  with open(os.path.join(job, "image", workdir.EXPORT, "config.json")) as f:
+    exported = json.load(f)
+  assert exported["architectures"] == ["ResNetForImageClassification"]
+  assert len(exported["id2label"]) == 12 and exported["small_stem"]
+  mmbt_config = tiny.config("mmbt", config.data.data_dir, {
+      "model.image_tower": "resnet", "init_from_image": "workdir:image/export"})
+  effective = classifier.effective_config(workdir.resolve_paths(mmbt_config, job))
+  assert list(effective.data.image_mean) == list(input_pipeline.IMAGENET_MEAN)
+  assert list(effective.data.image_std) == list(input_pipeline.IMAGENET_STD)
+  assert effective.model.resnet.small_stem and list(effective.model.resnet.hidden_sizes) == [4, 8, 16, 32]
+  clip_default = classifier.effective_config(tiny.config("mmbt", config.data.data_dir))
+  assert list(clip_default.data.image_mean) == list(input_pipeline.CLIP_MEAN)
+  tokenizer = TitleTokenizer.train(["a red mug", "a blue cap"] * 3, vocab_size=40, max_length=10)
+  model = classifier.build_mmbt_model(effective, 12, tokenizer)
+  learner = classifier.load_trained(job, classifier.IMAGE).model
+  for kind in (nnx.Param, nnx.BatchStat):
+    tower = dict(nnx.to_flat_state(nnx.state(model.vision, kind)))
+    trained = dict(nnx.to_flat_state(nnx.state(learner, kind)))
+    assert {path[0] for path in set(trained) - set(tower)} <= {"head"} and len(tower) > 10
+    for path, variable in tower.items():
+      np.testing.assert_array_equal(np.asarray(variable[...]), np.asarray(trained[path][...]))
+
+
+def test_a_finished_image_stage_without_its_export_writes_it_without_training_again(
+    with_options, tmp_path):
+  """A folder finished by an older version (no export/) is what the main job runs again: the run
+  trains no step (its log is unchanged), reports the same scores and writes the export."""
+  config, job, report = with_options
+  copy = str(tmp_path / "job")
+  shutil.copytree(job, copy)
+  shutil.rmtree(os.path.join(copy, "image", workdir.EXPORT))
+  assert workdir.EXPORT_WEIGHTS in pipeline.REGISTRY["image"].writes
+  log = os.path.join(copy, "image", workdir.LOG)
+  with open(log) as f:
+    before = f.read()
+  assert pipeline.run(config, copy) == report
+  assert os.path.isfile(os.path.join(copy, "image", workdir.EXPORT_WEIGHTS))
+  with open(log) as f:
+    assert f.read() == before

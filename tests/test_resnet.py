@@ -117,6 +117,40 @@ def test_hf_checkpoint_matches_transformers(checkpoints, images, layer_type):
   _assert_matches(_forward(model, images), _torch_outputs(torch_model, images))
 
 
+@pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
+def test_an_exported_folder_loads_into_transformers_with_the_same_outputs_and_labels(
+    checkpoints, images, tmp_path, layer_type):
+  """save_pretrained writes what transformers' ResNetForImageClassification reads: same features and
+  logits as our model, the class names as id2label, and no weight left to initialise."""
+  model, _ = models.from_pretrained(checkpoints[layer_type][1])
+  folder = str(tmp_path / "export")
+  resnet.save_pretrained(model, folder, class_names=["boot", "bag", "cap"])
+  exported, loading = transformers.ResNetForImageClassification.from_pretrained(
+      folder, output_loading_info=True)
+  assert not any(loading.values()), loading
+  assert exported.config.id2label == {0: "boot", 1: "bag", 2: "cap"}
+  _assert_matches(_forward(model, images), _torch_outputs(exported.eval(), images))
+  with pytest.raises(ValueError, match="2 class names for a 3-label head"):
+    resnet.save_pretrained(model, folder, class_names=["boot", "bag"])
+
+
+def test_a_small_stem_backbone_round_trips_through_its_own_folder(images, tmp_path):
+  """A headless small-stem ResNet (no transformers equivalent) exports and reloads here with the
+  same features: the stem is recorded as `small_stem`."""
+  config = resnet.ResNetConfig(depths=(1, 1), layer_type="basic", hidden_sizes=(8, 16),
+                               embedding_size=8, small_stem=True)
+  model = resnet.ResNet(config, rngs=nnx.Rngs(3))
+  folder = str(tmp_path / "export")
+  resnet.save_pretrained(model, folder)
+  with open(os.path.join(folder, "config.json")) as f:
+    assert json.load(f)["architectures"] == ["ResNetModel"]
+  loaded, loaded_config = models.from_pretrained(folder)
+  assert loaded_config.small_stem and loaded.head is None
+  model.eval()
+  _assert_matches(_forward(loaded, images), {k: np.asarray(v) for k, v in
+                                             _forward(model, images).items()})
+
+
 @pytest.mark.parametrize("layer_type,file_name", [("basic", "resnet.pth"),
                                                   ("bottleneck", "resnet.safetensors")])
 def test_torchvision_state_dict_matches_transformers(checkpoints, images, tmp_path, layer_type,

@@ -13,15 +13,17 @@ torch uses the unbiased one; this only matters when training BatchNorm on very s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from jmmshap.models import hf, initializers
@@ -126,7 +128,19 @@ class ResNetConfig:
         embedding_size=hf_config.get("embedding_size", 64),
         num_channels=hf_config.get("num_channels", 3),
         downsample_in_first_stage=hf_config.get("downsample_in_first_stage", False),
-        downsample_in_bottleneck=hf_config.get("downsample_in_bottleneck", False))
+        downsample_in_bottleneck=hf_config.get("downsample_in_bottleneck", False),
+        small_stem=hf_config.get("small_stem", False))
+
+  def to_hf(self) -> dict[str, Any]:
+    """The Hugging Face ResNetConfig fields of this layout (`from_hf`'s inverse). A small stem is
+    recorded as an extra `small_stem` key: transformers has no such stem, so only `from_hf` reads
+    it."""
+    fields = {"model_type": "resnet", "num_channels": self.num_channels,
+              "embedding_size": self.embedding_size, "hidden_sizes": list(self.hidden_sizes),
+              "depths": list(self.depths), "layer_type": self.layer_type, "hidden_act": "relu",
+              "downsample_in_first_stage": self.downsample_in_first_stage,
+              "downsample_in_bottleneck": self.downsample_in_bottleneck}
+    return {**fields, **({"small_stem": True} if self.small_stem else {})}
 
 
 class ConvBatchNorm(nnx.Module):
@@ -347,6 +361,42 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any] | None = None, *,
   model = _load(path, tensors, config, "hf", "classifier.1", num_labels=num_labels, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
   return model, config
+
+
+def save_pretrained(model: ResNet, path: str, class_names: Sequence[str] | None = None) -> None:
+  """Writes a Hugging Face ResNetForImageClassification folder (config.json + model.safetensors;
+  ResNetModel when the model has no head), which `from_pretrained` here and transformers load.
+
+  `class_names` label the head's outputs (config.json's id2label). A small-stem model's folder
+  loads here only (see `ResNetConfig.to_hf`).
+  """
+  os.makedirs(path, exist_ok=True)
+  head = "classifier.1" if model.head is not None else None
+  tensors = {}
+  for name, (variable, permutation) in _checkpoint_targets(model, "hf", head).items():
+    value = np.asarray(jax.device_get(variable[...]), np.float32)
+    if permutation is not None:
+      value = value.transpose(np.argsort(permutation))
+    tensors[name if name.startswith("classifier.") else f"resnet.{name}"] = (
+        np.ascontiguousarray(value))
+  for name in [n for n in tensors if n.endswith(".running_var")]:  # torch's BatchNorm buffer.
+    tensors[name.replace(".running_var", ".num_batches_tracked")] = np.zeros((), np.int64)
+  if head is None:  # ResNetModel's names have no `resnet.` prefix.
+    tensors = {name.removeprefix("resnet."): value for name, value in tensors.items()}
+  safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"),
+                              metadata={"format": "pt"})
+  config = {"architectures": ["ResNetForImageClassification" if head else "ResNetModel"],
+            **model.config.to_hf()}
+  if head is not None:
+    names = list(class_names) if class_names is not None else [
+        f"LABEL_{i}" for i in range(model.num_labels)]
+    if len(names) != model.num_labels:
+      raise ValueError(f"save_pretrained: {len(names)} class names for a {model.num_labels}-label "
+                       "head.")
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
 
 
 _TORCHVISION_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.conv1\.weight$")
