@@ -5,7 +5,8 @@ the paper's setting (BERT-base and CLIP ViT-B/32 sizes, 4 image embeddings, text
 288 px), from `bert-base-uncased` and `openai/clip-vit-base-patch32` (hub names or folders), e.g.
 `--config=configs/mmbt.py:taimd17k,paper`. Towers start from checkpoints with
 `--config.init_from_text=DIR` (HF BERT folder) and `--config.init_from_image=DIR` (HF CLIP folder);
-`--config.model.image_tower=resnet` swaps CLIP for a ResNet, as in the original MMBT. A path
+`--config.model.image_tower=resnet` swaps CLIP for a ResNet, as in the original MMBT (with
+`--config.init_from_image=workdir:image/export`, the image learner's trained ResNet). A path
 `workdir:<path>` is relative to the run's workdir: the fashion variants start the vision tower from
 `workdir:clip_pretrain/export`, the output of configs/clip_pretrain.py.
 """

@@ -166,9 +166,14 @@ def run_upstream(config: ml_collections.ConfigDict, root: str) -> list[str]:
   """Runs the main job's upstream stages whose outputs are missing, stale or asked for again, in
   `STAGES` order; returns those it ran."""
   rerun = parse_rerun(config.rerun)
+  # An optional stage that no stage reads any more (its `workdir:` path overridden) is not run.
+  read = set().union(*(workdir.stages_referenced(config.stages[name]) for name in config.stages))
   ran: list[str] = []
   for stage in STAGES:
     if stage.name == MAIN_JOB or stage.name not in config.stages:
+      continue
+    if stage.optional and stage.name not in read:
+      logging.info("pipeline: no stage reads %s's outputs: not running it", stage.name)
       continue
     stage_config = config.stages[stage.name]
     directory = workdir.stage_dir(root, stage.name)

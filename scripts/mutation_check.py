@@ -357,6 +357,12 @@ MUTANTS = (
            "if False:  # E.g. the image learner's export",
            "model.image_tower='resnet' starts from scratch whatever init_from_image names.",
            MMBT_ON_IMAGE_LEARNER),
+    Mutant("unread_optional_stage_still_runs", "jmmshap/pipeline.py",
+           "if stage.optional and stage.name not in read:",
+           "if False:",
+           "The main job pretrains clip_pretrain's tower although no stage reads it any more.",
+           ("tests/test_pipeline.py::test_the_main_job_skips_an_optional_stage_that_no_stage_reads_"
+            "after_overrides",)),
     # scripts/eval_options.py: the evaluation-only options measured on one finished run.
     Mutant("eval_options_ema_row_is_the_trained_params", "scripts/eval_options.py",
            "variants[\"ema\"] = train_lib.evaluated_model(state)",

@@ -230,3 +230,22 @@ def test_a_second_job_on_a_stage_refuses_to_start_and_a_dead_owners_lock_is_take
   pipeline.run(config, job)  # Its owner is gone: the lock is taken over, and released after.
   assert os.path.isfile(workdir.path(job, "image", workdir.METRICS))
   assert not os.path.exists(lock)
+
+
+def test_the_main_job_skips_an_optional_stage_that_no_stage_reads_after_overrides(tmp_path,
+                                                                                 monkeypatch):
+  """The fashion main job pretrains a tower for the MMBT; an MMBT pointed at the image learner's
+  export instead makes clip_pretrain unread, so it is not run (nothing is trained here: the stage
+  runner is replaced by a recorder)."""
+  ran = []
+  monkeypatch.setattr(pipeline, "run", lambda config, root: ran.append(config.stage))
+  monkeypatch.setattr(pipeline, "_reuse", lambda root, stage, config: False)
+  config = meta.get_config("fashion")
+  assert "clip_pretrain" in config.stages
+  pipeline.run_upstream(config, str(tmp_path))
+  assert ran == ["text", "clip_pretrain", "image", "mmbt", "mmshap"]
+  ran.clear()
+  config.stages.mmbt.model.image_tower = "resnet"
+  config.stages.mmbt.init_from_image = "workdir:image/export"
+  assert pipeline.run_upstream(config, str(tmp_path)) == ["text", "image", "mmbt", "mmshap"]
+  assert ran == ["text", "image", "mmbt", "mmshap"]
