@@ -43,10 +43,12 @@ def describe_learner(config: Mapping[str, Any] | None) -> str:
 
   model = config.get("model", {})
   if config.get("stage") == "mmbt":
-    return (f"CLIP-MMBT, {model.get('num_image_embeddings')} image embeddings, "
+    vision = model.get("image_tower", "clip")  # Configs saved before the ResNet tower were CLIP's.
+    return (f"{'CLIP' if vision == 'clip' else 'ResNet'}-MMBT, "
+            f"{model.get('num_image_embeddings')} image embeddings, "
             f"{config.get('data', {}).get('image_size')} px; text: "
             f"{tower(model.get('bert', {}), config.get('init_from_text'))}; vision: "
-            f"{tower(model.get('clip', {}), config.get('init_from_image'))}")
+            f"{tower(model.get(vision, {}), config.get('init_from_image'))}")
   return tower(model, config.get("init_from"))
 
 
