@@ -315,6 +315,15 @@ def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
   return eval_step
 
 
+def jit_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...], mesh: jax.sharding.Mesh,
+                  flip_average: bool = False) -> Callable:
+  """`make_eval_step` compiled for replicated params and model state and a batch sharded over the
+  mesh's `data` axis: the one evaluation program of the stages, the predictor and the scripts."""
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
+  return jax.jit(make_eval_step(graphdef, inputs, flip_average),
+                 in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data.
 
@@ -455,13 +464,12 @@ def load_trained(root: str, stage: ClassifierStage) -> TrainedStage:
 def logits_fn(trained: TrainedStage, stage: ClassifierStage, mesh: jax.sharding.Mesh
               ) -> Callable[[input_pipeline.RecordSource, int], dict[str, np.ndarray]]:
   """`(records, batch_size) -> evaluate(...)` of a restored stage on any records (id, title, image,
-  label: -1 when unknown): the program and batching the stage evaluated its splits with, so the
-  same products get the same logits. Compiled once per batch shape."""
+  label: -1 when unknown): the program and batching the stage evaluated its splits with (flip
+  averaging included), so the same products get the same logits. Compiled once per batch shape."""
   graphdef, params, model_state = nnx.split(trained.model, nnx.Param, ...)
   params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
-  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  eval_step = jax.jit(make_eval_step(graphdef, stage.inputs),
-                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
+  eval_step = jit_eval_step(graphdef, stage.inputs, mesh,
+                            flip_average=bool(trained.config.get("eval_flip_average")))
 
   def logits(source: input_pipeline.RecordSource, batch_size: int) -> dict[str, np.ndarray]:
     return evaluate(eval_step, params, model_state, source, trained.preprocess, batch_size, mesh)
@@ -545,12 +553,10 @@ def run(config: ml_collections.ConfigDict, root: str,
   del model
 
   replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.data_sharded(mesh)
   eval_batch_size = config.get("eval_batch_size") or config.batch_size
   parallel.check_batch_size(eval_batch_size, "eval_batch_size")
-  eval_step = jax.jit(make_eval_step(eval_graphdef, stage.inputs,
-                                     bool(config.get("eval_flip_average"))),
-                      in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
+  eval_step = jit_eval_step(eval_graphdef, stage.inputs, mesh,
+                            flip_average=bool(config.get("eval_flip_average")))
 
   def evaluate_split(split: str, params: Any, model_state: Any) -> dict[str, np.ndarray]:
     return evaluate(eval_step, params, model_state, sources[split], preprocess, eval_batch_size, mesh)

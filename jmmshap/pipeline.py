@@ -129,9 +129,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 # Running.
 
 
-def main_job_stages(variant_configs: dict[str, ml_collections.ConfigDict]) -> list[str]:
-  """The upstream stages of a main job, in order, from every stage's config for its variant:
-  the optional ones only when another stage's `workdir:` path reads them."""
+def main_job_stages(variant_configs: Mapping[str, ml_collections.ConfigDict]) -> list[str]:
+  """The upstream stages of a main job, in order, from its stages' configs (a variant's defaults when
+  configs/meta.py builds it, the overridden ones when the job runs): the optional ones only when
+  another stage's `workdir:` path reads them."""
   referenced = set().union(*(workdir.stages_referenced(c) for c in variant_configs.values()))
   return [name for name in UPSTREAM
           if name in variant_configs and (not REGISTRY[name].optional or name in referenced)]
@@ -166,14 +167,13 @@ def run_upstream(config: ml_collections.ConfigDict, root: str) -> list[str]:
   """Runs the main job's upstream stages whose outputs are missing, stale or asked for again, in
   `STAGES` order; returns those it ran."""
   rerun = parse_rerun(config.rerun)
-  # An optional stage that no stage reads any more (its `workdir:` path overridden) is not run.
-  read = set().union(*(workdir.stages_referenced(config.stages[name]) for name in config.stages))
+  # Decided on the stages as overridden: an optional stage no other stage reads any more is not run.
+  wanted = main_job_stages(config.stages)
   ran: list[str] = []
   for stage in STAGES:
-    if stage.name == MAIN_JOB or stage.name not in config.stages:
-      continue
-    if stage.optional and stage.name not in read:
-      logging.info("pipeline: no stage reads %s's outputs: not running it", stage.name)
+    if stage.name not in wanted:
+      if stage.name in config.stages and stage.name != MAIN_JOB:
+        logging.info("pipeline: no stage reads %s's outputs: not running it", stage.name)
       continue
     stage_config = config.stages[stage.name]
     directory = workdir.stage_dir(root, stage.name)

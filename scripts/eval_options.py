@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 
-import jax
 from flax import nnx
 
 from jmmshap import builders, checkpoints, classifier, parallel, train_lib, workdir
@@ -42,16 +41,16 @@ def evaluate_options(root: str, stage_name: str = "image") -> dict[str, dict[str
   total_steps = train_lib.step_plan(config, len(sources["train"]))[0]
   optimizer, _ = train_lib.make_optimizer(config.optimizer, total_steps)
   mesh = parallel.make_mesh()
-  replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   store = checkpoints.StageCheckpoints(directory)
-  step = store.latest_step()
-  if step != total_steps:
+  try:
+    step = store.latest_step()
+    if step != total_steps:
+      raise ValueError(f"{directory}: its latest train state is step {step} of {total_steps}; "
+                       "finish the run first (train.py with the same config resumes it).")
+    state = store.restore_latest(step, checkpoints.abstract(
+        train_lib.initial_state(config, params, model_state, optimizer), parallel.replicated(mesh)))
+  finally:
     store.close()
-    raise ValueError(f"{directory}: its latest train state is step {step} of {total_steps}; "
-                     "finish the run first (train.py with the same config resumes it).")
-  state = store.restore_latest(step, checkpoints.abstract(
-      train_lib.initial_state(config, params, model_state, optimizer), replicated))
-  store.close()
   variants = {"trained": {"params": state["params"], "model_state": state.get("model_state")}}
   if "ema" in state:
     variants["ema"] = train_lib.evaluated_model(state)
@@ -60,9 +59,7 @@ def evaluate_options(root: str, stage_name: str = "image") -> dict[str, dict[str
   batch_size = config.get("eval_batch_size") or config.batch_size
   results: dict[str, dict[str, dict]] = {}
   for flip_name, flip in flips.items():
-    eval_step = jax.jit(classifier.make_eval_step(graphdef, stage.inputs, flip),
-                        in_shardings=(replicated, replicated, batch_sharding),
-                        out_shardings=batch_sharding)
+    eval_step = classifier.jit_eval_step(graphdef, stage.inputs, mesh, flip)
     for variant, model_tree in variants.items():
       for split in builders.EVAL_SPLITS:
         result = classifier.evaluate(eval_step, model_tree["params"], model_tree["model_state"],

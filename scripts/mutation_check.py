@@ -306,9 +306,16 @@ MUTANTS = (
            "best/ (so eval mode and the written logits) keeps the raw params instead of the EMA.",
            EMA_BEST),
     Mutant("flip_average_off", "jmmshap/classifier.py",
-           "bool(config.get(\"eval_flip_average\"))),",
-           "False),",
+           "flip_average=bool(config.get(\"eval_flip_average\")))",
+           "flip_average=False)",
            "eval_flip_average=True evaluates the photos alone.", EMA_OUTPUTS),
+    Mutant("predictor_logits_never_flip", "jmmshap/classifier.py",
+           "flip_average=bool(trained.config.get(\"eval_flip_average\")))",
+           "flip_average=False)",
+           "A restored stage (the predictor's) evaluates photos alone although it was trained with "
+           "eval_flip_average=True.",
+           ("tests/test_classifier.py::test_a_restored_stage_gives_any_records_the_logits_it_wrote_"
+            "flip_averaging_included",)),
     Mutant("flip_average_upside_down", "jmmshap/classifier.py",
            "mirrored = {**batch, \"pixel_values\": batch[\"pixel_values\"][:, :, ::-1]}",
            "mirrored = {**batch, \"pixel_values\": batch[\"pixel_values\"][:, ::-1]}",
@@ -358,8 +365,8 @@ MUTANTS = (
            "model.image_tower='resnet' starts from scratch whatever init_from_image names.",
            MMBT_ON_IMAGE_LEARNER),
     Mutant("unread_optional_stage_still_runs", "jmmshap/pipeline.py",
-           "if stage.optional and stage.name not in read:",
-           "if False:",
+           "  wanted = main_job_stages(config.stages)\n",
+           "  wanted = [name for name in UPSTREAM if name in config.stages]\n",
            "The main job pretrains clip_pretrain's tower although no stage reads it any more.",
            ("tests/test_pipeline.py::test_the_main_job_skips_an_optional_stage_that_no_stage_reads_"
             "after_overrides",)),
@@ -369,8 +376,8 @@ MUTANTS = (
            "variants[\"ema\"] = variants[\"trained\"]",
            "The script's EMA rows evaluate the trained params.", EVAL_OPTIONS),
     Mutant("eval_options_never_flips", "scripts/eval_options.py",
-           "classifier.make_eval_step(graphdef, stage.inputs, flip)",
-           "classifier.make_eval_step(graphdef, stage.inputs, False)",
+           "classifier.jit_eval_step(graphdef, stage.inputs, mesh, flip)",
+           "classifier.jit_eval_step(graphdef, stage.inputs, mesh, False)",
            "The script's flip-averaged rows evaluate the photos alone.", EVAL_OPTIONS),
 )
 

@@ -110,7 +110,8 @@ IMAGE_OPTIONS = {"random_flip": True, "random_crop": True, "crop_area": (0.3, 0.
 @pytest.fixture(scope="session")
 def with_options(tmp_path_factory, tiny):
   """(config, workdir, report) of a tiny image stage trained with every option of IMAGE_OPTIONS;
-  shared by the tests of the stage and of scripts/eval_options.py (read it, never change it)."""
+  shared by the tests of the stage and of scripts/eval_options.py: a test that rewrites its files
+  leaves them as they were, and one that changes them works on a copy."""
   root = tmp_path_factory.getbasetemp()
   config = tiny.config("image", str(root / "tfds_stages"), IMAGE_OPTIONS)
   job = str(tmp_path_factory.mktemp("image_options"))

@@ -16,7 +16,8 @@ from flax import nnx
 import fakes
 from configs import common
 from configs import image as image_configs
-from jmmshap import builders, classifier, input_pipeline, metrics, pipeline, train_lib, workdir
+from jmmshap import (builders, classifier, input_pipeline, metrics, parallel, pipeline, train_lib,
+                     workdir)
 from jmmshap.models import clip_vision, resnet
 from jmmshap.tokenizer import TitleTokenizer
 
@@ -226,6 +227,18 @@ def test_validation_test_and_eval_mode_use_the_moving_average_with_flip_averagin
   for split in ("validation", "test"):
     np.testing.assert_allclose(np.load(os.path.join(stage, f"logits_{split}.npz"))["logits"],
                                written[split]["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_restored_stage_gives_any_records_the_logits_it_wrote_flip_averaging_included(
+    with_options):
+  """`logits_fn`, what the predictor runs on new products, is the stage's own evaluation program:
+  on the test split it reproduces logits_test.npz of a flip-averaged learner."""
+  config, job, _ = with_options
+  trained = classifier.load_trained(job, classifier.IMAGE)
+  logits = classifier.logits_fn(trained, classifier.IMAGE, parallel.make_mesh())(
+      _source(config, "test"), 16)
+  written = np.load(os.path.join(job, "image", "logits_test.npz"))
+  np.testing.assert_allclose(logits["logits"], written["logits"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_resumed_run_with_every_option_ends_with_the_same_params_and_average(with_options,

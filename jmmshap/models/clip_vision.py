@@ -19,16 +19,13 @@ edges, which moved a unit-variance 4x4 -> 6x6 table by up to 0.28 from transform
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from jmmshap.models import hf, initializers
@@ -297,19 +294,11 @@ def save_pretrained(model: CLIPVisionModel, path: str) -> None:
   A tower trained here (e.g. by the contrastive `clip_pretrain` stage) then loads anywhere a CLIP
   checkpoint does: `from_pretrained` here, or transformers' `CLIPVisionModel.from_pretrained`.
   """
-  os.makedirs(path, exist_ok=True)
-  tensors = {}
-  for name, (variable, permutation) in checkpoint_targets(model).items():
-    value = np.asarray(jax.device_get(variable[...]), np.float32)
-    if permutation is not None:
-      value = value.transpose(np.argsort(permutation))
-    tensors[f"vision_model.{name}"] = np.ascontiguousarray(value)
-  safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"),
-                              metadata={"format": "pt"})
-  config = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"],
-            **dataclasses.asdict(model.config)}
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  tensors = {f"vision_model.{name}": value
+             for name, value in hf.export_tensors(checkpoint_targets(model)).items()}
+  hf.save_folder(path, tensors, {"model_type": "clip_vision_model",
+                                 "architectures": ["CLIPVisionModel"],
+                                 **dataclasses.asdict(model.config)})
 
 
 def from_pretrained(path: str, hf_config: Mapping[str, Any] | None = None, *,

@@ -17,6 +17,7 @@ from typing import Any
 
 import huggingface_hub
 import huggingface_hub.constants
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -188,3 +189,25 @@ def assign_tensors(path: str, tensors: Mapping[str, np.ndarray],
     if axes is not None:
       value = np.transpose(value, axes)
     variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+
+
+def export_tensors(targets: Mapping[str, tuple[Any, tuple[int, ...] | None]]
+                   ) -> dict[str, np.ndarray]:
+  """`assign_tensors` the other way: each target variable as a float32 tensor in the torch layout,
+  under its checkpoint name."""
+  tensors = {}
+  for name, (variable, axes) in targets.items():
+    value = np.asarray(jax.device_get(variable[...]), np.float32)
+    if axes is not None:
+      value = value.transpose(np.argsort(axes))
+    tensors[name] = np.ascontiguousarray(value)
+  return tensors
+
+
+def save_folder(path: str, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
+  """A Hugging Face checkpoint folder: `model.safetensors` (tagged for torch) and `config.json`."""
+  os.makedirs(path, exist_ok=True)
+  safetensors.numpy.save_file(dict(tensors), os.path.join(path, "model.safetensors"),
+                              metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(dict(config), f, indent=2)

@@ -13,7 +13,6 @@ torch uses the unbiased one; this only matters when training BatchNorm on very s
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +22,6 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from jmmshap.models import hf, initializers
@@ -370,21 +368,13 @@ def save_pretrained(model: ResNet, path: str, class_names: Sequence[str] | None 
   `class_names` label the head's outputs (config.json's id2label). A small-stem model's folder
   loads here only (see `ResNetConfig.to_hf`).
   """
-  os.makedirs(path, exist_ok=True)
   head = "classifier.1" if model.head is not None else None
-  tensors = {}
-  for name, (variable, permutation) in _checkpoint_targets(model, "hf", head).items():
-    value = np.asarray(jax.device_get(variable[...]), np.float32)
-    if permutation is not None:
-      value = value.transpose(np.argsort(permutation))
-    tensors[name if name.startswith("classifier.") else f"resnet.{name}"] = (
-        np.ascontiguousarray(value))
+  # ResNetForImageClassification prefixes its backbone with `resnet.`; ResNetModel does not.
+  backbone = "resnet." if head else ""
+  tensors = {name if name.startswith("classifier.") else backbone + name: value
+             for name, value in hf.export_tensors(_checkpoint_targets(model, "hf", head)).items()}
   for name in [n for n in tensors if n.endswith(".running_var")]:  # torch's BatchNorm buffer.
     tensors[name.replace(".running_var", ".num_batches_tracked")] = np.zeros((), np.int64)
-  if head is None:  # ResNetModel's names have no `resnet.` prefix.
-    tensors = {name.removeprefix("resnet."): value for name, value in tensors.items()}
-  safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"),
-                              metadata={"format": "pt"})
   config = {"architectures": ["ResNetForImageClassification" if head else "ResNetModel"],
             **model.config.to_hf()}
   if head is not None:
@@ -395,8 +385,7 @@ def save_pretrained(model: ResNet, path: str, class_names: Sequence[str] | None 
                        "head.")
     config["id2label"] = {str(i): name for i, name in enumerate(names)}
     config["label2id"] = {name: i for i, name in enumerate(names)}
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  hf.save_folder(path, tensors, config)
 
 
 _TORCHVISION_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.conv1\.weight$")
