@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from jmmshap import input_pipeline
+from jmmshap import photos
 
 VARIANTS = ("toyshop", "fashion", "fashion_sub", "taimd17k")
 FASHION = ("fashion", "fashion_sub")  # article_type top-31, and sub_category (classes of >= 100 items).
@@ -33,6 +33,9 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict()
   data.data_dir = ml_collections.config_dict.placeholder(str)  # Where prepared (array_record) data is cached; None: TFDS's default.
   data.on_bad_row = "error"  # Or "skip": bad rows are counted, logged and listed in bad_rows.json.
+  # grain worker processes that read, decode and tokenise batches (0: in the main process; None:
+  # input_pipeline.default_worker_count(), none on a CPU backend). Changes no result.
+  data.worker_count = ml_collections.config_dict.placeholder(int)
   if variant == "toyshop":
     data.name = "toyshop"
     data.toyshop = ml_collections.ConfigDict(dict(
@@ -61,8 +64,8 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   return data
 
 
-CLIP_MEAN = input_pipeline.CLIP_MEAN  # CLIP's image normalisation.
-CLIP_STD = input_pipeline.CLIP_STD
+CLIP_MEAN = photos.CLIP_MEAN  # CLIP's image normalisation.
+CLIP_STD = photos.CLIP_STD
 
 
 def clip_tower(variant: str) -> ml_collections.ConfigDict:

@@ -584,6 +584,12 @@ def prepare_in_process_order(data_config: ml_collections.ConfigDict) -> tfds.cor
   return builder if builder is not None else prepare(data_config)
 
 
+def data_source(builder: tfds.core.DatasetBuilder, split: str) -> Any:
+  """A prepared split for the input pipeline: random access, photos left as their encoded bytes
+  (`input_pipeline.decode_image` decodes them in grain's workers, at the size a stage reads)."""
+  return builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+
 def class_reliance(builder: tfds.core.DatasetBuilder) -> list[dict] | None:
   """Per-class designed reliance (name, reliance, text_share) of toyshop data; None for real data."""
   metadata = builder.info.metadata

@@ -168,7 +168,8 @@ class StageCheckpoints:
   def __init__(self, directory: str, keep: int = 2):
     self.latest_path = os.path.join(directory, workdir.CHECKPOINTS)
     self.best_path = os.path.join(directory, workdir.BEST)
-    self.latest = manager(self.latest_path, {"state": ocp.StandardCheckpointHandler()},
+    self.latest = manager(self.latest_path, {"state": ocp.StandardCheckpointHandler(),
+                                             "data": ocp.JsonCheckpointHandler()},
                           max_to_keep=keep, create=True)
     self.best = manager(self.best_path, _best_handlers(), max_to_keep=1, create=True)
 
@@ -178,6 +179,13 @@ class StageCheckpoints:
   def restore_latest(self, step: int, abstract_state: Any) -> Any:
     return restore(self.latest, step, self.latest_path, arrays={"state": abstract_state})["state"]
 
+  def data_position(self, step: int) -> dict | None:
+    """The input pipeline's position saved with step `step` (`save_latest`'s `data`); None for a
+    checkpoint written without one."""
+    if not os.path.isdir(os.path.join(self.latest_path, str(step), "data")):
+      return None
+    return restore(self.latest, step, self.latest_path, json_items=("data",))["data"]
+
   def best_scores(self) -> dict | None:
     """The scores saved with the best model; None before the first one."""
     step = self.best.latest_step()
@@ -185,8 +193,10 @@ class StageCheckpoints:
       return None
     return restore(self.best, step, self.best_path, json_items=("metrics",))["metrics"]
 
-  def save_latest(self, step: int, state: Any) -> None:
-    save(self.latest, step, arrays={"state": state})
+  def save_latest(self, step: int, state: Any, data: Mapping[str, Any] | None = None) -> None:
+    """The train state, and the input pipeline's position (JSON, e.g. grain's iterator state)."""
+    save(self.latest, step, arrays={"state": state},
+         json_items=None if data is None else {"data": data})
 
   def save_best(self, step: int, model: Any, scores: Mapping[str, Any]) -> None:
     save(self.best, step, arrays={"model": model}, json_items={"metrics": {"step": step, **scores}})

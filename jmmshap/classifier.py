@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jmmshap import (builders, checkpoints, config_checks, input_pipeline, metrics, models, parallel,
-                     train_lib, workdir)
+                     photos, train_lib, workdir)
 from jmmshap.models import bert, clip_vision, hf, mmbt, resnet
 from jmmshap.tokenizer import TitleTokenizer
 
@@ -198,9 +198,9 @@ def _resolve_normalisation(config: ml_collections.ConfigDict, clip: bool) -> Non
   if "image_mean" not in config.data:  # Configs saved before these fields existed used ImageNet's.
     return
   if config.data.image_mean is None:
-    config.data.image_mean = input_pipeline.CLIP_MEAN if clip else input_pipeline.IMAGENET_MEAN
+    config.data.image_mean = photos.CLIP_MEAN if clip else photos.IMAGENET_MEAN
   if config.data.image_std is None:
-    config.data.image_std = input_pipeline.CLIP_STD if clip else input_pipeline.IMAGENET_STD
+    config.data.image_std = photos.CLIP_STD if clip else photos.IMAGENET_STD
 
 
 def _resolve_image_model(config: ml_collections.ConfigDict) -> None:
@@ -296,12 +296,14 @@ def make_train_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
   return train_lib.make_train_step(make_loss(graphdef, inputs), optimizer)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
-                   flip_average: bool = False) -> Callable:
-  """(params, model state, batch) -> float32 logits; with `flip_average`, the mean of the logits of
-  each photo and of its mirror image (test-time augmentation matching `random_flip`)."""
+def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...], flip_average: bool = False,
+                   transform: photos.PhotoTransform | None = None) -> Callable:
+  """(params, model state, batch) -> float32 logits; uint8 photos are normalised first
+  (`transform`); with `flip_average`, the mean of the logits of each photo and of its mirror image
+  (test-time augmentation matching `photos.random_flip`)."""
 
   def eval_step(params, model_state, batch):
+    batch = (transform or photos.PhotoTransform()).evaluation(batch)
     model = nnx.merge(graphdef, params, model_state)
 
     def logits(batch):
@@ -316,11 +318,12 @@ def make_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...],
 
 
 def jit_eval_step(graphdef: nnx.GraphDef, inputs: tuple[str, ...], mesh: jax.sharding.Mesh,
-                  flip_average: bool = False) -> Callable:
+                  flip_average: bool = False,
+                  transform: photos.PhotoTransform | None = None) -> Callable:
   """`make_eval_step` compiled for replicated params and model state and a batch sharded over the
   mesh's `data` axis: the one evaluation program of the stages, the predictor and the scripts."""
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
-  return jax.jit(make_eval_step(graphdef, inputs, flip_average),
+  return jax.jit(make_eval_step(graphdef, inputs, flip_average, transform),
                  in_shardings=(replicated, replicated, batch_sharding), out_shardings=batch_sharding)
 
 
@@ -355,15 +358,15 @@ def make_preprocessor(config: ml_collections.ConfigDict, stage: ClassifierStage,
                       tokenizer: TitleTokenizer | None) -> input_pipeline.Preprocessor:
   return input_pipeline.Preprocessor(
       tokenizer, config.data.image_size if stage.uses_image else None,
-      config.data.get("image_mean") or input_pipeline.IMAGENET_MEAN,
-      config.data.get("image_std") or input_pipeline.IMAGENET_STD)
+      config.data.get("image_mean") or photos.IMAGENET_MEAN,
+      config.data.get("image_std") or photos.IMAGENET_STD)
 
 
-def make_augmentation(config: ml_collections.ConfigDict) -> input_pipeline.Augmentation | None:
+def make_augmentation(config: ml_collections.ConfigDict) -> photos.Augmentation | None:
   """The training-photo augmentation a config asks for (`random_flip`, `random_crop`); None: none."""
   if not (config.get("random_flip") or config.get("random_crop")):
     return None
-  return input_pipeline.Augmentation(
+  return photos.Augmentation(
       flip=bool(config.get("random_flip")),
       crop_area=tuple(config.crop_area) if config.get("random_crop") else None,
       crop_aspect_ratio=tuple(config.get("crop_aspect_ratio", (3 / 4, 4 / 3))))
@@ -375,26 +378,31 @@ def make_augmentation(config: ml_collections.ConfigDict) -> input_pipeline.Augme
 
 def evaluate(eval_step: Callable, params: Any, model_state: Any,
              source: input_pipeline.RecordSource, preprocess: input_pipeline.Preprocessor,
-             batch_size: int, mesh: jax.sharding.Mesh) -> dict[str, np.ndarray]:
+             batch_size: int, mesh: jax.sharding.Mesh, worker_count: int = 0
+             ) -> dict[str, np.ndarray]:
   """Logits for every example of a split, in the split's order, with labels and ids."""
   num_examples = len(source)
   logits = None
   labels = np.zeros(num_examples, np.int32)
   ids = np.empty(num_examples, dtype=object)
-  batches = input_pipeline.prefetch(
-      input_pipeline.eval_batches(source, preprocess, global_batch_size=batch_size))
-  for batch in batches:
-    batch_logits = multihost_utils.process_allgather(
-        eval_step(params, model_state, parallel.to_global(batch, mesh)), tiled=True)
-    index = multihost_utils.process_allgather(batch["index"], tiled=True)
-    batch_labels = multihost_utils.process_allgather(batch["label"], tiled=True)
-    if logits is None:
-      logits = np.zeros((num_examples, batch_logits.shape[-1]), np.float32)
-    real = index >= 0
-    logits[index[real]] = batch_logits[real]
-    labels[index[real]] = batch_labels[real]
-    local = batch["index"] >= 0
-    ids[batch["index"][local]] = batch["id"][local]
+  batches = input_pipeline.eval_loader(
+      source, preprocess, global_batch_size=batch_size, worker_count=worker_count,
+      transform=lambda batch: (batch, parallel.to_global(batch, mesh)))
+  try:
+    for batch, on_devices in batches:
+      batch_logits = multihost_utils.process_allgather(
+          eval_step(params, model_state, on_devices), tiled=True)
+      index = multihost_utils.process_allgather(batch["index"], tiled=True)
+      batch_labels = multihost_utils.process_allgather(batch["label"], tiled=True)
+      if logits is None:
+        logits = np.zeros((num_examples, batch_logits.shape[-1]), np.float32)
+      real = index >= 0
+      logits[index[real]] = batch_logits[real]
+      labels[index[real]] = batch_labels[real]
+      local = batch["index"] >= 0
+      ids[batch["index"][local]] = batch["id"][local]
+  finally:
+    batches.close()
   if jax.process_count() > 1:  # Each process saw only its own rows' ids.
     missing = np.flatnonzero(ids == None)  # pylint: disable=singleton-comparison
     for i, record in zip(missing, input_pipeline.read_records(source, missing)):
@@ -469,10 +477,13 @@ def logits_fn(trained: TrainedStage, stage: ClassifierStage, mesh: jax.sharding.
   graphdef, params, model_state = nnx.split(trained.model, nnx.Param, ...)
   params, model_state = nnx.as_pure(params), nnx.as_pure(model_state)
   eval_step = jit_eval_step(graphdef, stage.inputs, mesh,
-                            flip_average=bool(trained.config.get("eval_flip_average")))
+                            flip_average=bool(trained.config.get("eval_flip_average")),
+                            transform=trained.preprocess.photo_transform())
+  workers = input_pipeline.worker_count(trained.config.data)
 
   def logits(source: input_pipeline.RecordSource, batch_size: int) -> dict[str, np.ndarray]:
-    return evaluate(eval_step, params, model_state, source, trained.preprocess, batch_size, mesh)
+    return evaluate(eval_step, params, model_state, source, trained.preprocess, batch_size, mesh,
+                    workers)
 
   return logits
 
@@ -528,9 +539,7 @@ def run(config: ml_collections.ConfigDict, root: str,
   os.makedirs(directory, exist_ok=True)
   mesh = parallel.make_mesh()
   builder = builders.prepare_in_process_order(config.data)
-  # A text-only stage never looks at the photos: leave them encoded instead of decoding every one.
-  decoders = None if stage.uses_image else {"image": tfds.decode.SkipDecoding()}
-  sources = {split: builder.as_data_source(split, decoders=decoders) for split in builders.SPLITS}
+  sources = {split: builders.data_source(builder, split) for split in builders.SPLITS}
   class_names = list(builder.info.features["label"].names)
   # Nothing is resumed or evaluated in a folder built from other inputs.
   workdir.claim(root, stage.name, fingerprint(config, root, builder),
@@ -556,10 +565,13 @@ def run(config: ml_collections.ConfigDict, root: str,
   eval_batch_size = config.get("eval_batch_size") or config.batch_size
   parallel.check_batch_size(eval_batch_size, "eval_batch_size")
   eval_step = jit_eval_step(eval_graphdef, stage.inputs, mesh,
-                            flip_average=bool(config.get("eval_flip_average")))
+                            flip_average=bool(config.get("eval_flip_average")),
+                            transform=preprocess.photo_transform())
+  workers = input_pipeline.worker_count(config.data)
 
   def evaluate_split(split: str, params: Any, model_state: Any) -> dict[str, np.ndarray]:
-    return evaluate(eval_step, params, model_state, sources[split], preprocess, eval_batch_size, mesh)
+    return evaluate(eval_step, params, model_state, sources[split], preprocess, eval_batch_size, mesh,
+                    workers)
 
   # Validation logits of this run's evaluations by step: the best checkpoint's are not computed
   # a second time for metrics.json (kept on the host; a split's logits are small).
@@ -578,7 +590,7 @@ def run(config: ml_collections.ConfigDict, root: str,
         loss_fn=make_loss(train_graphdef, stage.inputs, config.get("label_smoothing", 0.0)),
         train_source=sources["train"], preprocess=preprocess, evaluate=validate_state,
         selection=SELECTION, best_model=train_lib.evaluated_model, mesh=mesh,
-        augment=make_augmentation(config))
+        prepare_batch=preprocess.photo_transform(make_augmentation(config), config.seed).training)
 
   abstract_model = checkpoints.abstract({"params": params, "model_state": model_state}, replicated)
   best, best_metrics = checkpoints.restore_best(directory, abstract_model)

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow_datasets as tfds
 from absl import logging
 from flax import nnx
 
@@ -152,20 +151,23 @@ def build_model(config: ml_collections.ConfigDict, text_size: int) -> Contrastiv
 
 
 def evaluate(eval_step: Callable, params: Any, source: input_pipeline.RecordSource,
-             preprocess: PairPreprocessor, batch_size: int, mesh: jax.sharding.Mesh
-             ) -> dict[str, float]:
+             preprocess: PairPreprocessor, batch_size: int, mesh: jax.sharding.Mesh,
+             worker_count: int = 0) -> dict[str, float]:
   """Metrics averaged over the split's consecutive full batches (a retrieval task of fixed size)."""
   num_batches = len(source) // batch_size
   if not num_batches:
     raise ValueError(f"clip_pretrain: the split has {len(source)} examples, fewer than one batch of "
                      f"{batch_size}; lower batch_size.")
-  rows = input_pipeline.process_slice(batch_size)
   totals = None
-  for start in range(0, num_batches * batch_size, batch_size):
-    indices = np.arange(start, start + batch_size)[rows]
-    batch = preprocess(input_pipeline.read_records(source, indices))
-    values = jax.device_get(eval_step(params, parallel.to_global(batch, mesh)))
-    totals = values if totals is None else jax.tree.map(np.add, totals, values)
+  batches = input_pipeline.eval_loader(source, preprocess, global_batch_size=batch_size,
+                                       worker_count=worker_count, drop_remainder=True,
+                                       transform=lambda batch: parallel.to_global(batch, mesh))
+  try:
+    for batch in batches:
+      values = jax.device_get(eval_step(params, batch))
+      totals = values if totals is None else jax.tree.map(np.add, totals, values)
+  finally:
+    batches.close()
   return {name: float(value) / num_batches for name, value in totals.items()}
 
 
@@ -195,9 +197,7 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, flo
   parallel.check_batch_size(config.batch_size)
   builder = builders.prepare_in_process_order(config.data)
   splits = builders.SPLITS
-  titles = {split: builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
-            for split in splits}
-  photos = {split: builder.as_data_source(split) for split in splits}
+  sources = {split: builders.data_source(builder, split) for split in splits}
   workdir.claim(root, STAGE, classifier.fingerprint(config, root, builder),
                 training=config.mode == "train")
 
@@ -213,7 +213,7 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, flo
       if text_tower is None:
         text_tower = bert.encoder_from_pretrained(config.text_tower, config.text_layers)
       logging.info("clip_pretrain: embedding the %s titles with the locked text tower", split)
-      return title_embeddings(text_tower, titles[split], tokenizer, config.eval_batch_size, mesh)
+      return title_embeddings(text_tower, sources[split], tokenizer, config.eval_batch_size, mesh)
     ids, embeddings = _cached_title_embeddings(directory, split, compute)
     pairs[split] = PairPreprocessor(images, ids, embeddings)
   text_size = pairs["train"].embeddings.shape[-1]
@@ -223,19 +223,25 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, dict[str, flo
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.as_pure(params)
 
+  transform = images.photo_transform()
+  workers = input_pipeline.worker_count(config.data)
+
   def eval_step(params, batch):
+    batch = transform.evaluation(batch)
     logits = nnx.merge(graphdef, params)(batch["pixel_values"], batch["title_embedding"])
     return batch_metrics(logits, batch["label"])
 
   eval_step = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
   def evaluate_split(split: str, params: Any) -> dict[str, float]:
-    return evaluate(eval_step, params, photos[split], pairs[split], config.batch_size, mesh)
+    return evaluate(eval_step, params, sources[split], pairs[split], config.batch_size, mesh,
+                    workers)
 
   if config.mode == "train":
     train_lib.fit(
         config, directory, STAGE, params=params, model_state=None, loss_fn=make_loss(graphdef),
-        train_source=photos["train"], preprocess=pairs["train"],
+        train_source=sources["train"], preprocess=pairs["train"],
+        prepare_batch=transform.training,
         evaluate=lambda state: evaluate_split("validation",
                                               train_lib.evaluated_model(state)["params"]),
         selection=SELECTION,

@@ -1,32 +1,41 @@
-"""Host-side input pipeline: random-access records -> fixed-shape numpy batches -> sharded arrays.
+"""Host-side input pipeline on grain: prepared records -> uint8 batches -> sharded arrays.
 
-Records come from `tfds.data_source` (array_record, no TensorFlow). Training order is a seeded
-permutation per epoch, so step s always sees the same examples: a resumed run continues exactly where
-an uninterrupted one would be. Evaluation walks each split once in order; the last batch is padded and
-masked so every example is counted exactly once.
+Records come from `tfds.data_source` (array_record, random access, no TensorFlow) with photos left
+encoded. grain turns them into batches: a `grain.MapDataset` whose element b is batch b, read,
+decoded and tokenised by `worker_count` worker processes (0: in this process), then copied to the
+devices by a prefetch thread while the current step runs. Photos stay uint8 at the model's size;
+normalisation and augmentation happen on the device (`photos.PhotoTransform`).
+
+Which examples batch b holds is ours, not grain's, so that it is a pure function of b:
+  * training: epoch e is the permutation seeded by (seed, e), its short tail dropped, so step s
+    sees the same examples however the run was interrupted or split;
+  * evaluation: each example once, in order; the last batch is padded (mask 0, index -1).
+Each process reads only its block of rows of every global batch (`process_slice`), which is what
+makes one process with two devices and two processes with one device each see the same global
+batch. grain's iterator state is checkpointed with the train state (`train_lib.fit`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
-import queue
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import grain
 import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
+from jmmshap import photos
 from jmmshap.tokenizer import TitleTokenizer
 
 Batch = dict[str, np.ndarray]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation.
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class RecordSource(Protocol):
@@ -50,35 +59,60 @@ def as_text(value: Any) -> str:
   return str(value)
 
 
-def decode_image(value: Any) -> np.ndarray:
-  """uint8 (H, W, 3) from a decoded array or encoded bytes."""
+def decode_image(value: Any, size: int | None = None) -> np.ndarray:
+  """uint8 (H, W, 3) from encoded bytes or a decoded array; with `size`, resized to size x size.
+
+  A JPEG much larger than `size` is decoded at 1/2, 1/4 or 1/8 scale by the decoder itself
+  (PIL's `draft`: the DCT is scaled, never below `size`), which is most of the cost of a large
+  photo. The bilinear resize that follows is the same whatever the decoding scale was chosen.
+  """
   if isinstance(value, (bytes, np.bytes_)):
     with Image.open(io.BytesIO(value)) as image:
-      return np.asarray(image.convert("RGB"))
+      if size and image.format == "JPEG":
+        image.draft("RGB", (size, size))
+      return _resized(image.convert("RGB"), size)
   array = np.asarray(value)
   if array.ndim == 2:
-    array = np.repeat(array[..., None], 3, axis=-1)
+    array = array[..., None]
   if array.shape[-1] == 1:
     array = np.repeat(array, 3, axis=-1)
+  if size and array.shape[:2] != (size, size):
+    return _resized(Image.fromarray(array), size)
   return array
 
 
+def _resized(image: Image.Image, size: int | None) -> np.ndarray:
+  if size and image.size != (size, size):
+    image = image.resize((size, size), Image.BILINEAR)
+  return np.asarray(image)
+
+
 class Preprocessor:
-  """Tokenises titles and resizes/normalises images for a list of records."""
+  """Records -> a host batch: label, id, the tokenised title, the photo as uint8 at `image_size`.
+
+  It runs in grain's workers (it pickles with its tokenizer). `mean`/`std` are the photos'
+  normalisation, which the jitted steps apply (`photo_transform`); `normalised` applies it to a
+  host batch for code that takes float pixels on the host (the MM-SHAP explainer).
+  """
 
   def __init__(self, tokenizer: TitleTokenizer | None, image_size: int | None,
-               image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD):
+               image_mean: Sequence[float] = photos.IMAGENET_MEAN,
+               image_std: Sequence[float] = photos.IMAGENET_STD):
     self.tokenizer = tokenizer
     self.image_size = image_size
-    self.image_mean = np.asarray(image_mean, np.float32)
-    self.image_std = np.asarray(image_std, np.float32)
+    self.mean = tuple(float(m) for m in image_mean)
+    self.std = tuple(float(s) for s in image_std)
 
-  def image(self, value: Any) -> np.ndarray:
-    array = decode_image(value)
-    if array.shape[:2] != (self.image_size, self.image_size):
-      resized = Image.fromarray(array).resize((self.image_size, self.image_size), Image.BILINEAR)
-      array = np.asarray(resized)
-    return (array.astype(np.float32) / 255.0 - self.image_mean) / self.image_std
+  def photo_transform(self, augmentation: photos.Augmentation | None = None,
+                      seed: int = 0) -> photos.PhotoTransform:
+    return photos.PhotoTransform(self.mean, self.std, augmentation, seed)
+
+  def normalised(self, batch: Batch) -> Batch:
+    """The batch with float32 normalised pixel_values (computed on the device, brought back)."""
+    if "pixel_values" not in batch:
+      return batch
+    pixels = _normalise(batch["pixel_values"], self.mean, self.std)
+    return {**batch, "pixel_values": np.asarray(pixels)}
 
   def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
     batch: Batch = {
@@ -88,8 +122,16 @@ class Preprocessor:
     if self.tokenizer is not None:
       batch.update(self.tokenizer([as_text(r["title"]) for r in records]))
     if self.image_size:
-      batch["pixel_values"] = np.stack([self.image(r["image"]) for r in records])
+      batch["pixel_values"] = np.stack([decode_image(r["image"], self.image_size)
+                                        for r in records])
     return batch
+
+
+_normalise = jax.jit(photos.normalise, static_argnums=(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which examples each batch holds.
 
 
 def process_slice(global_batch_size: int) -> slice:
@@ -107,169 +149,161 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return steps
 
 
-def random_flip(batch: Batch, draws: np.ndarray) -> Batch:
-  """Mirrors the photos whose draw is < 1/2: a product mirrored left-right is the same product."""
-  flip = draws < 0.5
-  batch["pixel_values"] = np.where(flip[:, None, None, None], batch["pixel_values"][:, :, ::-1],
-                                   batch["pixel_values"])
-  return batch
-
-
-def bilinear_sample(images: np.ndarray, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-  """images (B, H, W, C) sampled at the grid rows (B, H') x columns (B, W') (pixel coordinates,
-  clamped at the edges): (B, H', W', C)."""
-  height, width = images.shape[1:3]
-  rows = np.clip(rows, 0, height - 1)
-  columns = np.clip(columns, 0, width - 1)
-  top = np.floor(rows).astype(np.int32)
-  left = np.floor(columns).astype(np.int32)
-  bottom = np.minimum(top + 1, height - 1)
-  right = np.minimum(left + 1, width - 1)
-  dy = (rows - top)[:, :, None, None].astype(images.dtype)
-  dx = (columns - left)[:, None, :, None].astype(images.dtype)
-  b = np.arange(len(images))[:, None, None]
-
-  def at(r, c):
-    return images[b, r[:, :, None], c[:, None, :]]
-
-  upper = at(top, left) * (1 - dx) + at(top, right) * dx
-  lower = at(bottom, left) * (1 - dx) + at(bottom, right) * dx
-  return upper * (1 - dy) + lower * dy
-
-
-def random_resized_crop(images: np.ndarray, draws: np.ndarray, area: tuple[float, float],
-                        aspect_ratio: tuple[float, float]) -> np.ndarray:
-  """Inception-style crops resized back to the image size, one per row of `draws` (B, 4 uniforms).
-
-  A crop covers a fraction of the image drawn uniformly from `area`, with a width/height ratio
-  drawn log-uniformly from `aspect_ratio` (each side clipped to the image), at a uniform position.
-  Only geometry changes: every output pixel is a convex mix of input pixels, so colours are kept
-  (a product's colour is often what tells its class). Without a retry loop, the number of draws
-  per example is fixed, which keeps the crops a function of (seed, step).
-  """
-  height, width = images.shape[1:3]
-  fraction = area[0] + (area[1] - area[0]) * draws[:, 0]
-  log_low, log_high = np.log(aspect_ratio[0]), np.log(aspect_ratio[1])
-  ratio = np.exp(log_low + (log_high - log_low) * draws[:, 1])
-  crop_width = np.clip(np.sqrt(fraction * height * width * ratio), 1.0, width)
-  crop_height = np.clip(np.sqrt(fraction * height * width / ratio), 1.0, height)
-  left = draws[:, 2] * (width - crop_width)
-  top = draws[:, 3] * (height - crop_height)
-  # Output pixel centres mapped into the crop box (as torch's align_corners=False resize).
-  rows = top[:, None] + (np.arange(height) + 0.5) * (crop_height / height)[:, None] - 0.5
-  columns = left[:, None] + (np.arange(width) + 0.5) * (crop_width / width)[:, None] - 0.5
-  return bilinear_sample(images, rows, columns)
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
 @dataclasses.dataclass(frozen=True)
-class Augmentation:
-  """Training-photo augmentation that keeps colour: random-resized crops, then left-right flips.
+class TrainOrder:
+  """Step s (0-based) -> the examples of its global batch: epoch e is the permutation seeded by
+  (seed, e), cut into full batches (the short tail is dropped)."""
+  num_examples: int
+  global_batch_size: int
+  seed: int
+  padded = False
 
-  `__call__(batch, draws)` takes `draws_per_example` uniforms per row; `train_batches` draws them
-  from (seed, epoch, position), so a resumed run or any number of processes augments alike. The
-  flip reads the first draw of a row, which is the same draw with or without crops.
-  """
-  flip: bool = False
-  crop_area: tuple[float, float] | None = None  # None: no crops.
-  crop_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  def __call__(self, step: int) -> np.ndarray:
+    epoch, position = divmod(step, steps_per_epoch(self.num_examples, self.global_batch_size))
+    order = _epoch_order(self.num_examples, self.seed, epoch)
+    return order[position * self.global_batch_size:(position + 1) * self.global_batch_size]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOrder:
+  """Batch b -> examples b*B .. (b+1)*B - 1 in split order, -1 past the end (padding);
+  `drop_remainder` keeps only full batches."""
+  num_examples: int
+  global_batch_size: int
+  drop_remainder: bool = False
 
   @property
-  def draws_per_example(self) -> int:
-    return 1 + (4 if self.crop_area is not None else 0)
+  def padded(self) -> bool:
+    return not self.drop_remainder
 
-  def __call__(self, batch: Batch, draws: np.ndarray) -> Batch:
-    if self.crop_area is not None:
-      batch["pixel_values"] = random_resized_crop(
-          batch["pixel_values"], draws[:, 1:5], tuple(self.crop_area), tuple(self.crop_aspect_ratio))
-    if self.flip:
-      batch = random_flip(batch, draws[:, 0])
+  def __len__(self) -> int:
+    if self.drop_remainder:
+      return self.num_examples // self.global_batch_size
+    return -(-self.num_examples // self.global_batch_size)
+
+  def __call__(self, batch: int) -> np.ndarray:
+    indices = np.arange(batch * self.global_batch_size, (batch + 1) * self.global_batch_size)
+    return np.where(indices < self.num_examples, indices, -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadBatch:
+  """Batch b of an order, this process's rows only: read, decoded, tokenised (in a grain worker).
+
+  A padded order's batches carry `mask` (1 for a real example) and `index` (its position in the
+  split, -1 for padding rows, which repeat example 0).
+  """
+  source: RecordSource
+  preprocess: Callable[[Sequence[dict]], Batch]
+  order: Callable[[int], np.ndarray]
+  rows: slice
+
+  def __call__(self, batch_number: int) -> Batch:
+    indices = self.order(batch_number)[self.rows]
+    real = indices >= 0
+    batch = self.preprocess(read_records(self.source, np.where(real, indices, 0)))
+    if getattr(self.order, "padded", False):
+      batch["mask"] = real.astype(np.float32)
+      batch["index"] = indices.astype(np.int32)
     return batch
 
 
-def train_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
-                  global_batch_size: int, seed: int, start_step: int = 0,
-                  augment: Augmentation | None = None) -> Iterator[Batch]:
-  """Endless training batches; epoch e is the permutation seeded by (seed, e), short tail dropped.
+# ---------------------------------------------------------------------------------------------------
+# Loaders.
 
-  `augment(batch, draws)` gets `augment.draws_per_example` uniform draws per row, seeded by
-  (seed, epoch, position) and drawn for the whole global batch, so a resumed run or any number of
-  processes augments the same way. Draw k of every row comes from the k-th block of draws, so
-  adding draws (crops) leaves the earlier ones (flips) as they were.
+
+def default_worker_count() -> int:
+  """Worker processes when a config leaves `data.worker_count` unset: a core each, one left for
+  the process that runs the steps; none where the CPU is also the accelerator (the cores run the
+  model there, and a 2-core machine measured no gain)."""
+  if jax.default_backend() == "cpu":
+    return 0
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(0, min(16, (cores or 1) - 1))
+
+
+def worker_count(data_config: Any) -> int:
+  """`data.worker_count` of a config; None or -1 (or absent): `default_worker_count()`."""
+  count = data_config.get("worker_count") if hasattr(data_config, "get") else None
+  return default_worker_count() if count is None or count < 0 else int(count)
+
+
+def _die_with_the_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker start-up: a worker ends when the process that started it is gone. Without it a
+  run killed with SIGKILL leaves its workers behind, each holding a decoder's memory and waiting
+  for a parent that will never read again. (A watchdog thread, not Linux's PR_SET_PDEATHSIG, which
+  fires when the parent *thread* that started the worker ends, and grain's prefetch threads come
+  and go.)"""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(_WATCHDOG_PERIOD_S)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="jmmshap-parent-watchdog", daemon=True).start()
+
+
+_WATCHDOG_PERIOD_S = 0.5
+
+
+def _allow_grain_flags() -> None:
+  # grain reads absl flags of its own; outside an absl app (tests, notebooks, scripts without
+  # app.run) nothing has parsed them, and their defaults are what we want.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch],
+           order: Callable[[int], np.ndarray], *, global_batch_size: int, start: int, stop: int,
+           worker_count: int = 0, transform: Callable[[Batch], Any] | None = None,
+           buffer_size: int = 2, per_process: bool = True) -> grain.DatasetIterator:
+  """An iterator over batches start..stop-1 of `order` (this process's rows of each).
+
+  `worker_count` processes read and decode batches in parallel (grain `mp_prefetch`, each worker
+  its own batches, in order); `transform` (e.g. the copy to the devices) runs in a prefetch thread
+  `buffer_size` batches ahead. The iterator is checkpointable (`get_state` / `set_state`); close it
+  to stop its workers. `per_process=False` gives every process whole batches (for work that each
+  process splits otherwise, as MM-SHAP does its coalitions).
   """
-  num_examples = len(source)
-  per_epoch = steps_per_epoch(num_examples, global_batch_size)
-  rows = process_slice(global_batch_size)
-  step = start_step
-  while True:
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    for position in range(offset, per_epoch):
-      indices = order[position * global_batch_size:(position + 1) * global_batch_size][rows]
-      batch = preprocess(read_records(source, indices))
-      if augment is not None:
-        draws = np.random.default_rng([seed, epoch, position]).random(
-            (augment.draws_per_example, global_batch_size)).T[rows]
-        batch = augment(batch, draws)
-      yield batch
-    step = (epoch + 1) * per_epoch
+  _allow_grain_flags()
+  rows = process_slice(global_batch_size) if per_process else slice(None)
+  dataset = grain.MapDataset.range(start, stop).map(LoadBatch(source, preprocess, order, rows))
+  dataset = dataset.to_iter_dataset()
+  if worker_count:
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2),
+        worker_init_fn=_die_with_the_parent)
+  if transform is not None:
+    dataset = dataset.map(transform)
+  dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=buffer_size)
+  return iter(dataset)
+
+
+def eval_loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
+                global_batch_size: int, worker_count: int = 0, drop_remainder: bool = False,
+                transform: Callable[[Batch], Any] | None = None, count: int | None = None,
+                per_process: bool = True) -> grain.DatasetIterator:
+  """Each of a split's first `count` examples (all: None) once, in order (see `SplitOrder`)."""
+  order = SplitOrder(len(source) if count is None else count, global_batch_size, drop_remainder)
+  return loader(source, preprocess, order, global_batch_size=global_batch_size, start=0,
+                stop=len(order), worker_count=worker_count, transform=transform,
+                per_process=per_process)
 
 
 def eval_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
-                 global_batch_size: int) -> Iterator[Batch]:
-  """Each example once, in order; padding rows repeat example 0 and carry mask 0 and index -1."""
-  num_examples = len(source)
-  rows = process_slice(global_batch_size)
-  for start in range(0, num_examples, global_batch_size):
-    indices = np.arange(start, start + global_batch_size)[rows]
-    real = indices < num_examples
-    batch = preprocess(read_records(source, np.where(real, indices, 0)))
-    batch["mask"] = real.astype(np.float32)
-    batch["index"] = np.where(real, indices, -1).astype(np.int32)
-    yield batch
-
-
-def prefetch(batches: Iterator[Batch], size: int = 2,
-             transform: Callable[[Batch], Any] | None = None) -> Iterator[Any]:
-  """Prepares the next batches in a background thread while the devices work on the current one.
-
-  `transform` runs in that thread too: with the host-to-device copy (`parallel.to_global`) as the
-  transform, batch n+1 is already on the devices when step n ends.
-  """
-  buffer: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
-  stop = threading.Event()
-
-  def offer(item) -> bool:
-    """Puts `item` once there is room; False (item dropped) once the consumer has stopped."""
-    while not stop.is_set():
-      try:
-        buffer.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def produce():
-    try:
-      for batch in batches:
-        if not offer(batch if transform is None else transform(batch)):
-          return
-      offer(done)
-    except BaseException as error:  # pylint: disable=broad-except
-      offer(error)
-
-  thread = threading.Thread(target=produce, daemon=True)
-  thread.start()
+                 global_batch_size: int, worker_count: int = 0,
+                 drop_remainder: bool = False) -> Iterator[Batch]:
+  """`eval_loader`'s batches as a generator that closes the loader when done or dropped."""
+  batches = eval_loader(source, preprocess, global_batch_size=global_batch_size,
+                        worker_count=worker_count, drop_remainder=drop_remainder)
   try:
-    while True:
-      item = buffer.get()
-      if item is done:
-        return
-      if isinstance(item, BaseException):
-        raise item
-      yield item
+    yield from batches
   finally:
-    # Closing the iterator (or dropping it) stops the thread and waits for it: the thread may be
-    # copying a batch to the devices, and must not be left doing so when the process exits.
-    stop.set()
-    thread.join()
+    batches.close()

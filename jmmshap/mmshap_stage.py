@@ -103,10 +103,20 @@ def _targets(config: ml_collections.ConfigDict, labels: np.ndarray,
 
 
 def _groups(source: input_pipeline.RecordSource, count: int, size: int,
-            preprocess: input_pipeline.Preprocessor) -> Iterator[tuple[np.ndarray, dict]]:
-  for start in range(0, count, size):
-    indices = np.arange(start, min(start + size, count))
-    yield indices, preprocess(input_pipeline.read_records(source, indices))
+            preprocess: input_pipeline.Preprocessor,
+            worker_count: int) -> Iterator[tuple[np.ndarray, dict]]:
+  """(split positions, batch with normalised photos) of each group of the first `count` examples;
+  every process reads every example (the explainer splits their coalitions over the devices)."""
+  batches = input_pipeline.eval_loader(source, preprocess, global_batch_size=size, count=count,
+                                       worker_count=worker_count, per_process=False)
+  try:
+    for batch in batches:
+      index = batch.pop("index")
+      del batch["mask"]
+      real = index >= 0
+      yield index[real], preprocess.normalised({k: v[real] for k, v in batch.items()})
+  finally:
+    batches.close()
 
 
 class CoalitionProgress:
@@ -161,7 +171,8 @@ def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSour
                   disable=jax.process_index() != 0)
   rates = CoalitionProgress(progress, count)
   started, evaluations = time.perf_counter(), 0
-  for indices, batch in input_pipeline.prefetch(_groups(source, count, group, preprocess)):
+  workers = input_pipeline.worker_count(config.get("data") or {})
+  for indices, batch in _groups(source, count, group, preprocess, workers):
     rates.start_group(len(indices))
     result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
                                indices=indices, progress=progress, on_rows=rates)
@@ -234,7 +245,7 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
       "image_masking": model.config.image_masking, "splits": {},
   }
   for split in config.get("splits", builders.EVAL_SPLITS):
-    arrays, timing = explain_split(explainer, builder.as_data_source(split), trained.preprocess,
+    arrays, timing = explain_split(explainer, builders.data_source(builder, split), trained.preprocess,
                                    config=config, class_names=trained.class_names, split=split)
     split_summary = mmshap.summarize(arrays["t_shap"], arrays["exact"], arrays["labels"],
                                      trained.class_names, designed)

@@ -131,15 +131,24 @@ def initial_state(config: ml_collections.ConfigDict, params: Any, model_state: A
   return state
 
 
+# (batch as it left the host, 0-based step) -> the batch the loss reads (e.g. photos normalised
+# and augmented on the device).
+PrepareBatch = Callable[[dict[str, jax.Array], jax.Array], dict[str, jax.Array]]
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    ema_decay: float = 0.0) -> Callable:
+                    ema_decay: float = 0.0, prepare_batch: PrepareBatch | None = None) -> Callable:
   """(state, batch) -> (state, metrics); state = {step, params, opt_state[, model_state][, ema]}.
 
-  With `ema_decay` > 0 the state's `ema` ({params[, model_state]}) is updated after every step;
-  BatchNorm statistics are averaged with the params so that the two match.
+  `prepare_batch(batch, step)` runs first, inside the same program, with the step the batch is
+  for (the state's step before the update). With `ema_decay` > 0 the state's `ema`
+  ({params[, model_state]}) is updated after every step; BatchNorm statistics are averaged with
+  the params so that the two match.
   """
 
   def train_step(state, batch):
+    if prepare_batch is not None:
+      batch = prepare_batch(batch, state["step"])
     def objective(params):
       return loss_fn(params, state.get("model_state"), batch)
 
@@ -238,14 +247,16 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
         model_state: Any, loss_fn: LossFn, train_source: input_pipeline.RecordSource,
         preprocess: Callable, evaluate: Callable[[dict], dict[str, float]], selection: Selection,
         best_model: Callable[[dict], Any], mesh: jax.sharding.Mesh,
-        augment: input_pipeline.Augmentation | None = None) -> None:
+        prepare_batch: PrepareBatch | None = None) -> None:
   """Trains from `params` (or resumes from the newest checkpoint in `directory`) to the end.
 
   `evaluate(state)` gives the validation scores (every `eval_every`, and after the last step);
   `best_model(state)` is what `best/` keeps when `selection` says they improved; both should read
   the state through `evaluated_model`, which gives the moving average where `config.ema_decay` > 0
-  keeps one (in the train state, so in every checkpoint). Writes config.json, log.jsonl, the
-  checkpoints and the training curves.
+  keeps one (in the train state, so in every checkpoint). `preprocess` turns records into host
+  batches in grain's workers (`data.worker_count`); `prepare_batch` finishes them on the device
+  (`make_train_step`). Writes config.json, log.jsonl, the checkpoints (each with grain's iterator
+  state) and the training curves.
   """
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   parallel.check_batch_size(config.batch_size)
@@ -255,6 +266,7 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
   state = parallel.replicate(initial_state(config, params, model_state, optimizer), mesh)
 
   store = checkpoints.StageCheckpoints(directory, config.get("keep_checkpoints", 2))
+  batches = None
   try:
     start_step = store.latest_step()
     logger = Logger(os.path.join(directory, workdir.LOG))
@@ -263,21 +275,22 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
     logger.truncate_after(start_step)
     saved_best = store.best_scores()
     best_score = selection.worst if saved_best is None else saved_best[selection.metric]
+    workers = input_pipeline.worker_count(config.data)
+    position = None
     if start_step:
       state = store.restore_latest(start_step, checkpoints.abstract(state, replicated))
+      position = store.data_position(start_step)
       logging.info("%s: resumed from step %d of %d", name, start_step, total_steps)
     if workdir.is_writer():
       workdir.write_text(os.path.join(directory, workdir.CONFIG), config.to_json(indent=2))
     if start_step >= total_steps:
       return
 
-    train_step = jax.jit(make_train_step(loss_fn, optimizer, ema_decay),
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, ema_decay, prepare_batch),
                          in_shardings=(replicated, batch_sharding),
                          out_shardings=(replicated, replicated), donate_argnums=0)
-    batches = input_pipeline.prefetch(
-        input_pipeline.train_batches(train_source, preprocess, global_batch_size=config.batch_size,
-                                     seed=config.seed, start_step=start_step, augment=augment),
-        transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
+    batches, first_step = _train_batches(config, train_source, preprocess, mesh, total_steps,
+                                         start_step, position, workers)
     progress = tqdm(total=total_steps, initial=start_step, desc=name, unit="step",
                     disable=not workdir.is_writer(), dynamic_ncols=True)
     pending, window_start, window_steps = [], time.perf_counter(), 0
@@ -304,12 +317,38 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
           store.save_best(step, best_model(state), scores)
         window_start = time.perf_counter()  # Evaluation time is not training throughput.
       if step % checkpoint_every == 0 or step == total_steps:
-        store.save_latest(step, state)
+        store.save_latest(step, state, {"first_step": first_step, "worker_count": workers,
+                                        "iterator": batches.get_state()})
     progress.close()
-    batches.close()  # Stops the prefetch thread.
     # Every process joins every save above in the same order; all of them are complete here.
     store.wait_until_finished()
     if workdir.is_writer():
       plots.training_curves(logger.records, os.path.join(directory, ""), name)
   finally:
+    if batches is not None:
+      batches.close()  # Stops grain's workers and prefetch thread, on errors too.
     store.close()
+
+
+def _train_batches(config: ml_collections.ConfigDict, source: input_pipeline.RecordSource,
+                   preprocess: Callable, mesh: jax.sharding.Mesh, total_steps: int, start_step: int,
+                   position: dict | None, workers: int) -> tuple[Any, int]:
+  """(grain iterator over the steps after `start_step`, on the devices; its first step).
+
+  A checkpoint's saved position ({first_step, worker_count, iterator}) is restored into the
+  iterator it came from (grain's `set_state`). A checkpoint without one, or saved with another
+  worker count (whose state does not fit), starts a new iterator at the step instead: batch s is a
+  function of s (`input_pipeline.TrainOrder`), so both resume the same batches.
+  """
+  order = input_pipeline.TrainOrder(len(source), config.batch_size, config.seed)
+  restore = position is not None and position.get("worker_count") == workers
+  first_step = position["first_step"] if restore else start_step
+  batches = input_pipeline.loader(
+      source, preprocess, order, global_batch_size=config.batch_size, start=first_step,
+      stop=total_steps, worker_count=workers,
+      transform=lambda batch: parallel.to_global(batch, mesh))  # Copied while the step runs.
+  if restore:
+    batches.set_state(position["iterator"])
+    logging.info("input pipeline: grain's iterator state restored (%d workers, first step %d)",
+                 workers, first_step)
+  return batches, first_step

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Issue #7's benchmarks in one call: the JAX steps (bench_train.py), exact MM-SHAP (bench_mmshap.py)
 # and the same-settings PyTorch baselines (bench_torch.py), merged by bench_report.py into one JSON
-# with JAX/PyTorch ratios, MFU and the issue's goals, plus a markdown summary on stdout.
+# with JAX/PyTorch ratios, MFU and the issue's goals, plus a markdown summary on stdout; and the
+# train steps fed by the real grain input pipeline next to the steps alone (bench_train_input.py,
+# OUTDIR/train_input.json: what fraction of a step the device waits for input).
 #
 #   scripts/bench_gpu.sh OUTDIR            # full size, bf16 compute, every GPU of the host
 #   scripts/bench_gpu.sh --small OUTDIR    # tiny models: a smoke test of the scripts, e.g. on a CPU
 #
-# Writes OUTDIR/{train,mmshap,torch,report}.json, one .log per step and, where nvidia-smi exists,
-# OUTDIR/nvidia_smi.csv (GPU name, driver, memory). BENCH_PARTS="train mmshap torch" (the default)
+# Writes OUTDIR/{train,mmshap,torch,train_input,report}.json, one .log per step and, where
+# nvidia-smi exists, OUTDIR/nvidia_smi.csv (GPU name, driver, memory). BENCH_PARTS="train input
+# mmshap torch" (the default)
 # selects steps, so a run can be split over several calls into the same OUTDIR; the report merges
 # whatever is there. A failing step is logged and the others still run; the exit status is then 1.
 # Set PYTHON to choose the interpreter.
@@ -25,12 +28,12 @@ fi
 out=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "$0: cannot create $1" >&2; exit 2; }
 cd "$(dirname "$0")/.."  # The repository root: the scripts import jmmshap from here.
 python=${PYTHON:-python}
-parts=${BENCH_PARTS:-train mmshap torch}
+parts=${BENCH_PARTS:-train input mmshap torch}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for part in $parts; do
   case $part in
-    train | mmshap | torch) ;;
-    *) echo "$0: unknown BENCH_PARTS entry '$part' (use train, mmshap, torch)" >&2; exit 2 ;;
+    train | input | mmshap | torch) ;;
+    *) echo "$0: unknown BENCH_PARTS entry '$part' (use train, input, mmshap, torch)" >&2; exit 2 ;;
   esac
 done
 
@@ -66,6 +69,8 @@ for part in $parts; do
   case $part in
     train) step train "$python" scripts/bench_train.py "${small[@]}" --dtype=bfloat16 \
              --out="$out/train.json" ;;
+    input) step train_input "$python" scripts/bench_train_input.py "${small[@]}" \
+             --dtype=bfloat16 --out="$out/train_input.json" ;;
     mmshap) step mmshap "$python" scripts/bench_mmshap.py "${small[@]}" --dtype=bfloat16 \
               --output="$out/mmshap.json" ;;
     torch) step torch "$python" scripts/bench_torch.py "${small[@]}" --dtype=bfloat16 \

@@ -30,7 +30,7 @@ def evaluate_options(root: str, stage_name: str = "image") -> dict[str, dict[str
   config = classifier.effective_config(
       workdir.resolve_paths(workdir.read_config(root, stage.name), root))
   builder = builders.builder_for(config.data)
-  sources = {split: builder.as_data_source(split) for split in builders.SPLITS}
+  sources = {split: builders.data_source(builder, split) for split in builders.SPLITS}
   class_names = workdir.read_json(os.path.join(directory, workdir.CLASS_NAMES))
   tokenizer = (TitleTokenizer.from_folder(directory, max_length=config.data.max_length)
                if stage.uses_text else None)
@@ -59,7 +59,8 @@ def evaluate_options(root: str, stage_name: str = "image") -> dict[str, dict[str
   batch_size = config.get("eval_batch_size") or config.batch_size
   results: dict[str, dict[str, dict]] = {}
   for flip_name, flip in flips.items():
-    eval_step = classifier.jit_eval_step(graphdef, stage.inputs, mesh, flip)
+    eval_step = classifier.jit_eval_step(graphdef, stage.inputs, mesh, flip,
+                                         preprocess.photo_transform())
     for variant, model_tree in variants.items():
       for split in builders.EVAL_SPLITS:
         result = classifier.evaluate(eval_step, model_tree["params"], model_tree["model_state"],

@@ -294,12 +294,12 @@ def modality_table(root: str, split: str, batch_size: int = 100) -> list[dict[st
         inputs["pixel_values"], text_keep=text_keep, image_keep=image_keep)["logits"]
     return jax.nn.softmax(logits, axis=-1)
 
-  source = builders.prepare(trained.config.data).as_data_source(split)
+  source = builders.data_source(builders.prepare(trained.config.data), split)
   outputs = {corner: [] for corner in CORNERS}
   labels = []
   for start in range(0, len(source), batch_size):
-    batch = trained.preprocess(input_pipeline.read_records(
-        source, range(start, min(start + batch_size, len(source)))))
+    batch = trained.preprocess.normalised(trained.preprocess(input_pipeline.read_records(
+        source, range(start, min(start + batch_size, len(source))))))
     inputs = {key: np.asarray(batch[key]) for key in
               ("input_ids", "attention_mask", "token_type_ids", "pixel_values")}
     masks = corner_masks(batch["word_ids"], model.config.num_image_embeddings)

@@ -16,7 +16,7 @@ from flax import nnx
 import fakes
 from configs import common
 from configs import image as image_configs
-from jmmshap import (builders, classifier, input_pipeline, metrics, parallel, pipeline, train_lib,
+from jmmshap import (builders, classifier, input_pipeline, metrics, parallel, photos, pipeline, train_lib,
                      workdir)
 from jmmshap.models import clip_vision, resnet
 from jmmshap.tokenizer import TitleTokenizer
@@ -130,7 +130,7 @@ def _leaves(tree) -> list[np.ndarray]:
 
 
 def _source(config, split: str):
-  return builders.builder_for(config.data).as_data_source(split)
+  return builders.data_source(builders.builder_for(config.data), split)
 
 
 def _softmax_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -150,18 +150,23 @@ def test_the_first_logged_loss_is_the_smoothed_loss_of_the_first_cropped_and_fli
   for key in ("random_flip", "random_crop", "label_smoothing", "ema_decay", "eval_flip_average"):
     assert saved[key] == config[key]  # Recorded in the run's config.
   assert list(saved.crop_area) == [0.3, 0.7] and list(saved.data.image_mean) == list(
-      input_pipeline.IMAGENET_MEAN)
+      photos.IMAGENET_MEAN)
   with open(os.path.join(job, "image", "log.jsonl")) as f:
     first = next(r for r in map(json.loads, f) if r["split"] == "train" and r["step"] == 1)
   model = classifier.build_image_model(saved, 12, None)
   model.train()
   preprocess = classifier.make_preprocessor(saved, classifier.IMAGE, None)
 
-  def first_batch(augment):
-    return next(input_pipeline.train_batches(_source(config, "train"), preprocess,
-                                             global_batch_size=16, seed=0, augment=augment))
+  source = _source(config, "train")
+  batch = input_pipeline.LoadBatch(source, preprocess, input_pipeline.TrainOrder(len(source), 16, 0),
+                                   slice(None))(0)
 
-  batch = first_batch(input_pipeline.Augmentation(flip=True, crop_area=(0.3, 0.7)))
+  def first_batch(augment):  # Step 0's photos, as the train step prepares them on the device.
+    transform = preprocess.photo_transform(augment, seed=0)
+    return transform.training({"pixel_values": jax.numpy.asarray(batch["pixel_values"])},
+                              jax.numpy.zeros((), jax.numpy.int32))
+
+  batch = {**batch, **first_batch(photos.Augmentation(flip=True, crop_area=(0.3, 0.7)))}
   logits = np.asarray(model(jax.numpy.asarray(batch["pixel_values"]))["logits"])
   onehot = np.eye(12)[batch["label"]]
   smoothed = _softmax_cross_entropy(logits, 0.7 * onehot + 0.3 / 12)
@@ -193,8 +198,8 @@ def _flip_averaged(model, config, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(flip-averaged logits, plain logits) of a split, in its order, by direct model calls."""
   preprocess = classifier.make_preprocessor(config, classifier.IMAGE, None)
   source = _source(config, split)
-  pixels = jax.numpy.asarray(preprocess(input_pipeline.read_records(source, range(len(source))))[
-      "pixel_values"])
+  pixels = photos.normalise(preprocess(input_pipeline.read_records(source, range(len(source))))[
+      "pixel_values"], preprocess.mean, preprocess.std)
   plain = np.asarray(model(pixels)["logits"])
   mirrored = np.asarray(model(pixels[:, :, ::-1])["logits"])
   return (plain + mirrored) / 2, plain
@@ -292,7 +297,7 @@ def test_an_image_learner_on_the_clip_pretrain_tower_starts_from_it_trains_and_i
   config = tiny.config("image", str(tmp_path_factory.getbasetemp() / "tfds_stages"), {
       "model.kind": "clip", "init_from": "workdir:clip_pretrain/export", "total_steps": 1})
   effective = classifier.effective_config(workdir.resolve_paths(config, job))
-  assert list(effective.data.image_mean) == list(input_pipeline.CLIP_MEAN)
+  assert list(effective.data.image_mean) == list(photos.CLIP_MEAN)
   assert (effective.model.kind, effective.model.clip.hidden_size) == ("clip", 16)
   model = classifier.build_image_model(effective, 12, None)
   for ours, theirs in zip(_leaves(nnx.state(model.vision, nnx.Param)),
@@ -303,7 +308,7 @@ def test_an_image_learner_on_the_clip_pretrain_tower_starts_from_it_trains_and_i
   assert set(report["test"]) == set(metrics.METRIC_NAMES)
   saved = workdir.read_config(job, "image")
   assert saved.model.kind == "clip" and saved.model.clip.num_hidden_layers == 1
-  assert list(saved.data.image_std) == list(input_pipeline.CLIP_STD)
+  assert list(saved.data.image_std) == list(photos.CLIP_STD)
   restored = classifier.load_trained(job, classifier.IMAGE)
   assert isinstance(restored.model, clip_vision.CLIPVisionClassifier)
   # The main job fingerprints the config as given, its workdir: path unresolved: same inputs.
@@ -348,11 +353,11 @@ def test_an_mmbt_on_the_image_learners_resnet_starts_from_its_export(with_option
   mmbt_config = tiny.config("mmbt", config.data.data_dir, {
       "model.image_tower": "resnet", "init_from_image": "workdir:image/export"})
   effective = classifier.effective_config(workdir.resolve_paths(mmbt_config, job))
-  assert list(effective.data.image_mean) == list(input_pipeline.IMAGENET_MEAN)
-  assert list(effective.data.image_std) == list(input_pipeline.IMAGENET_STD)
+  assert list(effective.data.image_mean) == list(photos.IMAGENET_MEAN)
+  assert list(effective.data.image_std) == list(photos.IMAGENET_STD)
   assert effective.model.resnet.small_stem and list(effective.model.resnet.hidden_sizes) == [4, 8, 16, 32]
   clip_default = classifier.effective_config(tiny.config("mmbt", config.data.data_dir))
-  assert list(clip_default.data.image_mean) == list(input_pipeline.CLIP_MEAN)
+  assert list(clip_default.data.image_mean) == list(photos.CLIP_MEAN)
   tokenizer = TitleTokenizer.train(["a red mug", "a blue cap"] * 3, vocab_size=40, max_length=10)
   model = classifier.build_mmbt_model(effective, 12, tokenizer)
   learner = classifier.load_trained(job, classifier.IMAGE).model

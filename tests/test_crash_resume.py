@@ -14,8 +14,9 @@ import train_subprocess
 
 from jmmshap import builders
 
+# Two grain workers read the batches: the resumed run restores their saved iterator state.
 STEPS = {"total_steps": 30, "eval_every_steps": 30, "checkpoint_every_steps": 5,
-         "log_every_steps": 5}
+         "log_every_steps": 5, "data.worker_count": 2}
 TOTAL = STEPS["total_steps"]
 
 
@@ -52,9 +53,16 @@ def restarted(tmp_path_factory, tiny):
       os.path.join(stage, "checkpoints")):
     assert time.monotonic() < deadline, "no checkpoint within 300 s"
     time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
+  workers = train_subprocess.descendants(process.pid)
+  process.send_signal(signal.SIGKILL)  # The run alone, as the kernel's OOM killer would.
   process.wait()
   assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  deadline = time.monotonic() + 30
+  while any(map(train_subprocess.running, workers)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  left_behind = [pid for pid in workers if train_subprocess.running(pid)]
+  for pid in left_behind:  # Never leave them running, whatever the test then says.
+    os.kill(pid, signal.SIGKILL)
   good = train_subprocess.finished_steps(os.path.join(stage, "checkpoints"))[-1]
   assert good < TOTAL and not os.path.exists(os.path.join(stage, "metrics.json"))
 
@@ -71,11 +79,11 @@ def restarted(tmp_path_factory, tiny):
           os.truncate(path, os.path.getsize(path) // 2)
 
   output = run(workdir, "restarted")
-  return uninterrupted, workdir, good, cut_short, output
+  return uninterrupted, workdir, good, cut_short, output, (workers, left_behind)
 
 
 def test_sigkilled_run_restarted_ends_with_the_uninterrupted_params(restarted):
-  uninterrupted, workdir, _, _, _ = restarted
+  uninterrupted, workdir, _, _, _, _ = restarted
   for ours, theirs in zip(train_subprocess.checkpoint_params(workdir, TOTAL),
                           train_subprocess.checkpoint_params(uninterrupted, TOTAL), strict=True):
     np.testing.assert_array_equal(ours, theirs)
@@ -90,9 +98,18 @@ def test_sigkilled_run_restarted_ends_with_the_uninterrupted_params(restarted):
 
 
 def test_save_cut_short_leaves_the_previous_checkpoint_to_resume_from(restarted):
-  _, _, good, cut_short, output = restarted
+  _, _, good, cut_short, output, _ = restarted
   assert f"resumed from step {good} of {TOTAL}" in output
+  assert "grain's iterator state restored (2 workers, first step 0)" in output
   assert not any(os.path.exists(path) for path in cut_short)  # Deleted, never restored.
+
+
+def test_grain_workers_of_a_killed_run_end_with_it(restarted):
+  """The SIGKILLed run had its two grain workers (and multiprocessing's resource tracker); none is
+  left running once the run is gone."""
+  *_, (workers, left_behind) = restarted
+  assert len(workers) >= 2
+  assert not left_behind
 
 
 # --------------------------------------------------------------------------------------------------

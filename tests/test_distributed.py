@@ -73,15 +73,17 @@ def test_process_slices_make_up_the_single_process_batch(monkeypatch):
   def batches(process_index, process_count):
     monkeypatch.setattr(jax, "process_index", lambda: process_index)
     monkeypatch.setattr(jax, "process_count", lambda: process_count)
-    train = input_pipeline.train_batches(source, rows, global_batch_size=8, seed=3, start_step=1)
-    train = [next(train)["row"] for _ in range(4)]  # 2 steps per epoch: crosses two epochs.
+    train = input_pipeline.loader(source, rows, input_pipeline.TrainOrder(23, 8, 3),
+                                  global_batch_size=8, start=1, stop=5)
+    train = [batch["row"] for batch in train]  # 2 steps per epoch: crosses two epochs.
     evaluation = list(input_pipeline.eval_batches(source, rows, global_batch_size=8))
     return train, [(b["row"], b["index"], b["mask"]) for b in evaluation]
 
   whole_train, whole_eval = batches(0, 1)
   (train0, eval0), (train1, eval1) = batches(0, 2), batches(1, 2)
-  for whole, first, second in zip(whole_train, train0, train1):
-    assert len(first) == len(second) == 4
+  assert len(whole_train) == 4
+  for whole, first, second in zip(whole_train, train0, train1, strict=True):
+    assert len(first) == len(second) == 4 and not set(first) & set(second)
     np.testing.assert_array_equal(np.concatenate([first, second]), whole)
   for whole, first, second in zip(whole_eval, eval0, eval1):
     for field, a, b in zip(whole, first, second):

@@ -18,8 +18,8 @@ from scripts import eval_options
 def _validation_loss(model, config, flip: bool) -> float:
   """Cross-entropy on validation by direct model calls (the oracle: no jit, no batching)."""
   preprocess = classifier.make_preprocessor(config, classifier.IMAGE, None)
-  source = builders.builder_for(config.data).as_data_source("validation")
-  batch = preprocess(input_pipeline.read_records(source, range(len(source))))
+  source = builders.data_source(builders.builder_for(config.data), "validation")
+  batch = preprocess.normalised(preprocess(input_pipeline.read_records(source, range(len(source)))))
   pixels = jax.numpy.asarray(batch["pixel_values"])
   logits = np.asarray(model(pixels)["logits"])
   if flip:

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     ("models", "models.bert", "models.clip", "models.clip_vision", "models.hf",
      "models.initializers", "models.mmbt", "models.resnet", "shapley", "metrics", "parallel",
-     "plots", "players", "tokenizer", "toyshop", "explanations", "launch"),
+     "photos", "plots", "players", "tokenizer", "toyshop", "explanations", "launch"),
     ("catalog", "builders", "input_pipeline", "products"),
     ("config_checks", "workdir", "checkpoints"),
     ("train_lib", "games", "mmshap", "learner_outputs", "weighting"),

@@ -1,13 +1,15 @@
+"""The grain data path: uint8 batches, the seeded order, exact resume from grain's state,
+per-process rows, worker processes that change nothing, and cheap decoding of large photos."""
+
 import io
 import itertools
-import threading
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
-from jmmshap import input_pipeline, parallel
+from jmmshap import input_pipeline, parallel, photos
 from jmmshap.tokenizer import TitleTokenizer
 
 
@@ -35,29 +37,77 @@ def preprocess(source):
                                      image_std=(0.5, 0.5, 0.5))
 
 
-def test_preprocessor_resizes_normalises_and_tokenises(source, preprocess):
+def test_preprocessor_resizes_to_uint8_and_tokenises(source, preprocess):
   batch = preprocess(source[:4])
-  assert batch["pixel_values"].shape == (4, 8, 8, 3) and batch["pixel_values"].dtype == np.float32
-  np.testing.assert_allclose(batch["pixel_values"][3, 0, 0], (np.array([3, 6, 9]) / 255 - 0.5) / 0.5,
-                             atol=1e-6)
+  assert batch["pixel_values"].shape == (4, 8, 8, 3) and batch["pixel_values"].dtype == np.uint8
+  np.testing.assert_array_equal(batch["pixel_values"][3, 0, 0], [3, 6, 9])
+  np.testing.assert_allclose(preprocess.normalised(batch)["pixel_values"][3, 0, 0],
+                             (np.array([3, 6, 9]) / 255 - 0.5) / 0.5, atol=1e-6)
   assert batch["input_ids"].shape == (4, 8)
   np.testing.assert_array_equal(batch["label"], [0, 1, 2, 0])
   np.testing.assert_array_equal(batch["id"], ["p0", "p1", "p2", "p3"])
 
 
-def test_train_batches_are_seeded_and_resume_at_any_step(source, preprocess):
-  def ids(start_step, steps, seed=7):
-    batches = input_pipeline.train_batches(source, preprocess, global_batch_size=4, seed=seed,
-                                           start_step=start_step)
-    return [list(b["id"]) for b in itertools.islice(batches, steps)]
+def _batches(source, preprocess, order, start, stop, workers=0, batch_size=4):
+  iterator = input_pipeline.loader(source, preprocess, order, global_batch_size=batch_size,
+                                   start=start, stop=stop, worker_count=workers)
+  try:
+    return list(iterator)
+  finally:
+    iterator.close()
+
+
+def test_train_order_is_seeded_reshuffled_per_epoch_and_starts_at_any_step(source, preprocess):
+  def ids(start, stop, seed=7):
+    order = input_pipeline.TrainOrder(len(source), 4, seed)
+    return [list(b["id"]) for b in _batches(source, preprocess, order, start, stop)]
 
   uninterrupted = ids(0, 12)  # 5 steps per epoch: crosses two epoch boundaries.
   assert ids(0, 12) == uninterrupted
-  assert ids(7, 5) == uninterrupted[7:]
+  assert ids(7, 12) == uninterrupted[7:]
   assert ids(0, 12, seed=8) != uninterrupted
   first_epoch = sum(uninterrupted[:5], [])
   assert len(set(first_epoch)) == 20  # No repeats within an epoch; the 3 left over are dropped.
   assert uninterrupted[:5] != uninterrupted[5:10]  # Reshuffled per epoch.
+  expected = np.random.default_rng([7, 1]).permutation(23)[4:8]  # Step 6: epoch 1, position 1.
+  assert uninterrupted[6] == [f"p{i}" for i in expected]
+
+
+def test_a_restored_grain_state_resumes_at_the_next_batch(source, preprocess):
+  order = input_pipeline.TrainOrder(len(source), 4, 7)
+  uninterrupted = _batches(source, preprocess, order, 0, 10)
+  first = input_pipeline.loader(source, preprocess, order, global_batch_size=4, start=0, stop=10)
+  for _ in range(3):
+    next(first)
+  state = first.get_state()
+  first.close()
+  resumed = input_pipeline.loader(source, preprocess, order, global_batch_size=4, start=0, stop=10)
+  resumed.set_state(state)
+  try:
+    rest = list(resumed)
+  finally:
+    resumed.close()
+  assert len(rest) == 7
+  for ours, theirs in zip(rest, uninterrupted[3:], strict=True):
+    np.testing.assert_array_equal(ours["pixel_values"], theirs["pixel_values"])
+    np.testing.assert_array_equal(ours["id"], theirs["id"])
+
+
+def test_worker_processes_give_the_batches_of_the_main_process(source, preprocess):
+  """Two grain workers decode alternate batches; order and content are those of no workers, and
+  the uint8 photos augmented on the device from (seed, step) are too."""
+  order = input_pipeline.TrainOrder(len(source), 4, 7)
+  alone = _batches(source, preprocess, order, 2, 9)
+  workers = _batches(source, preprocess, order, 2, 9, workers=2)
+  transform = photos.PhotoTransform(augmentation=photos.Augmentation(flip=True, crop_area=(0.3, 0.8)),
+                                    seed=7)
+  training = jax.jit(transform.training)
+  for step, (ours, theirs) in enumerate(zip(workers, alone, strict=True), start=2):
+    for name in ("pixel_values", "input_ids", "label", "id"):
+      np.testing.assert_array_equal(ours[name], theirs[name])
+    augmented = [np.asarray(training({"pixel_values": b["pixel_values"]}, np.int32(step))[
+        "pixel_values"]) for b in (ours, theirs)]
+    np.testing.assert_array_equal(*augmented)
 
 
 def test_eval_batches_count_every_example_once(source, preprocess):
@@ -67,37 +117,39 @@ def test_eval_batches_count_every_example_once(source, preprocess):
   mask = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(index[mask == 1], np.arange(23))
   assert np.all(index[mask == 0] == -1) and mask.sum() == 23
+  full = list(input_pipeline.eval_batches(source, preprocess, global_batch_size=10,
+                                          drop_remainder=True))
+  assert [list(b["id"]) for b in full] == [[f"p{i}" for i in range(s, s + 10)] for s in (0, 10)]
 
 
 def test_too_small_training_split_is_a_clear_error(source, preprocess):
   with pytest.raises(ValueError, match="fewer than one batch"):
-    next(input_pipeline.train_batches(source, preprocess, global_batch_size=64, seed=0))
+    input_pipeline.TrainOrder(len(source), 64, 0)(0)
 
 
-def test_prefetch_keeps_order_and_reraises_producer_errors():
-  assert list(input_pipeline.prefetch(iter(range(10)), size=2)) == list(range(10))
-
-  def failing():
-    yield 1
-    raise OSError("disk gone")
-
-  with pytest.raises(OSError, match="disk gone"):
-    list(input_pipeline.prefetch(failing()))
-
-
-def test_closing_a_prefetch_early_stops_its_thread_before_returning():
-  def endless():
-    i = 0
-    while True:
-      yield i
-      i += 1
-
-  before = set(threading.enumerate())
-  batches = input_pipeline.prefetch(endless(), size=2)
-  assert [next(batches) for _ in range(3)] == [0, 1, 2]
-  assert len(set(threading.enumerate()) - before) == 1  # The producer, its queue full.
-  batches.close()
-  assert set(threading.enumerate()) - before == set()  # Joined, not left running.
+def test_large_jpegs_are_decoded_at_a_reduced_scale_to_the_same_picture(monkeypatch):
+  """A 1,000 x 1,300 JPEG read at 64 px: PIL's draft decodes it at 1/8 scale; the result is the
+  full decode resized within JPEG noise, at a fraction of the pixels decoded."""
+  rows, columns = np.meshgrid(np.linspace(0, 1, 1300), np.linspace(0, 1, 1000), indexing="ij")
+  picture = np.stack([rows, columns, (rows + columns) / 2], -1) * 255
+  buffer = io.BytesIO()
+  Image.fromarray(picture.astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+  encoded = buffer.getvalue()
+  with Image.open(io.BytesIO(encoded)) as image:
+    image.draft("RGB", (64, 64))
+    assert image.size == (125, 163)  # 1/8 of 1,000 x 1,300, still above 64 px.
+  requested = []
+  draft = JpegImagePlugin.JpegImageFile.draft
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                      lambda image, mode, size: requested.append(size) or draft(image, mode, size))
+  reduced = input_pipeline.decode_image(encoded, 64)
+  assert requested == [(64, 64)]  # The decoder was asked for the reduced scale.
+  with Image.open(io.BytesIO(encoded)) as image:
+    full = np.asarray(image.convert("RGB").resize((64, 64), Image.BILINEAR))
+  assert reduced.shape == (64, 64, 3) and reduced.dtype == np.uint8
+  assert np.abs(reduced.astype(int) - full.astype(int)).mean() < 2.0
+  small = input_pipeline.decode_image(_png((1, 2, 3)), 8)  # Not a JPEG: decoded as it is.
+  np.testing.assert_array_equal(small, np.broadcast_to([1, 2, 3], (8, 8, 3)))
 
 
 def test_batches_are_sharded_over_the_data_axis(source, preprocess):
@@ -114,124 +166,3 @@ def test_batch_size_must_split_over_devices():
     parallel.check_batch_size(5)
 
 
-def test_prefetch_applies_the_transform_in_order_and_passes_errors_on():
-  batches = iter([{"x": np.full(2, i)} for i in range(5)])
-  moved = list(input_pipeline.prefetch(batches, transform=lambda b: b["x"].sum()))
-  assert moved == [0, 2, 4, 6, 8]
-
-  def failing():
-    yield {"x": np.zeros(2)}
-    raise OSError("disk gone")
-  with pytest.raises(OSError, match="disk gone"):
-    list(input_pipeline.prefetch(failing(), transform=lambda b: b))
-
-
-def test_random_flip_mirrors_the_same_rows_on_resume(preprocess):
-  def half_lit(i):  # Left half coloured, right half black: mirroring changes it.
-    image = Image.new("RGB", (8, 8), (0, 0, 0))
-    image.paste((10 * i, 5, 5), (0, 0, 4, 8))
-    return _encoded(image)
-
-  photos = [{"id": f"p{i}", "title": b"mug", "image": half_lit(i), "label": 0} for i in range(12)]
-
-  def pixels(start_step, steps, augment):
-    batches = input_pipeline.train_batches(photos, preprocess, global_batch_size=4, seed=7,
-                                           start_step=start_step, augment=augment)
-    return [b["pixel_values"] for b in itertools.islice(batches, steps)]
-
-  flip = input_pipeline.Augmentation(flip=True)
-  plain, flipped = pixels(0, 6, None), pixels(0, 6, flip)
-  for resumed, uninterrupted in zip(pixels(3, 3, flip), flipped[3:]):
-    np.testing.assert_array_equal(resumed, uninterrupted)
-  rows = [(p, f) for batch_plain, batch_flipped in zip(plain, flipped)
-          for p, f in zip(batch_plain, batch_flipped)]
-  mirrored = [np.array_equal(f, p[:, ::-1]) for p, f in rows]
-  assert all(m or np.array_equal(f, p) for m, (p, f) in zip(mirrored, rows))
-  assert 0 < sum(mirrored) < len(rows)
-
-
-def _ramps(count, size=16):
-  """Photos whose channel 0 is the column index, channel 1 the row index, channel 2 the photo's
-  number: bilinear sampling reproduces a linear ramp, so a crop's box can be read off its pixels."""
-  rows, columns = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
-  return np.stack([np.stack([columns, rows, np.full_like(rows, i)], -1) for i in range(count)]
-                  ).astype(np.float32)
-
-
-def test_random_resized_crops_cover_the_configured_area_and_aspect_inside_the_photo():
-  size, count = 16, 400
-  images = _ramps(count, size)
-  draws = np.random.default_rng(0).random((count, 4))
-  crops = input_pipeline.random_resized_crop(images, draws, area=(0.3, 0.9), aspect_ratio=(0.5, 2.0))
-  assert crops.shape == images.shape and crops.dtype == np.float32
-  np.testing.assert_allclose(crops[..., 2], images[..., 2], rtol=1e-6)  # No mixing across photos.
-  # Interior pixels (away from the clamped borders) lie on a plane: its slopes are the box's sides
-  # over the photo's, its offset the box's corner.
-  inner = slice(4, size - 4)
-  width = (crops[:, 8, inner, 0][:, -1] - crops[:, 8, inner, 0][:, 0]) / (size - 9) * size
-  height = (crops[:, inner, 8, 1][:, -1] - crops[:, inner, 8, 1][:, 0]) / (size - 9) * size
-  left = crops[:, 8, 4, 0] - (4.5 * width / size - 0.5)
-  top = crops[:, 4, 8, 1] - (4.5 * height / size - 0.5)
-  area, ratio = width * height / size ** 2, width / height
-  tolerance = 1e-4
-  assert np.all(area >= 0.3 - tolerance) and np.all(area <= 0.9 + tolerance)
-  assert np.all(ratio >= 0.5 - tolerance) and np.all(ratio <= 2.0 + tolerance)
-  assert np.all(left >= -tolerance) and np.all(left + width <= size + tolerance)
-  assert np.all(top >= -tolerance) and np.all(top + height <= size + tolerance)
-  # The draws decide it: the area is uniform over its range (where no side was clipped to the
-  # photo's), the ratio log-uniform, the position spread over the free room.
-  unclipped = (width < size - 1e-3) & (height < size - 1e-3)
-  assert unclipped.mean() > 0.6
-  np.testing.assert_allclose(area[unclipped], 0.3 + 0.6 * draws[unclipped, 0], atol=1e-4)
-  np.testing.assert_allclose(np.log(ratio[unclipped]), np.log(0.5) + np.log(4) * draws[unclipped, 1],
-                             atol=1e-3)
-  room = (size - width > 1) & (size - height > 1)
-  np.testing.assert_allclose(left[room] / (size - width[room]), draws[room, 2], atol=1e-3)
-  np.testing.assert_allclose(top[room] / (size - height[room]), draws[room, 3], atol=1e-3)
-
-
-def test_a_crop_of_the_whole_photo_is_the_photo_and_colours_are_kept():
-  images = np.random.default_rng(1).normal(size=(3, 8, 8, 3)).astype(np.float32)
-  draws = np.random.default_rng(2).random((3, 4))
-  whole = input_pipeline.random_resized_crop(images, draws, area=(1.0, 1.0), aspect_ratio=(1.0, 1.0))
-  np.testing.assert_allclose(whole, images, atol=1e-6)
-  plain = np.broadcast_to(np.asarray([0.2, -1.0, 0.7], np.float32), (3, 8, 8, 3))
-  crops = input_pipeline.random_resized_crop(plain, draws, area=(0.1, 0.5), aspect_ratio=(0.5, 2.0))
-  np.testing.assert_allclose(crops, plain, atol=1e-6)  # A one-colour photo stays that colour.
-
-
-def test_random_crops_are_seeded_per_step_and_the_same_on_resume(preprocess):
-  photos = [{"id": f"p{i}", "title": b"mug", "image": _encoded(Image.fromarray(
-      np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8))), "label": 0}
-            for i in range(12)]
-  crop = input_pipeline.Augmentation(crop_area=(0.3, 0.8))
-  both = input_pipeline.Augmentation(flip=True, crop_area=(0.3, 0.8))
-
-  def pixels(start_step, steps, augment, seed=7):
-    batches = input_pipeline.train_batches(photos, preprocess, global_batch_size=4, seed=seed,
-                                           start_step=start_step, augment=augment)
-    return [b["pixel_values"] for b in itertools.islice(batches, steps)]
-
-  plain, cropped = pixels(0, 6, None), pixels(0, 6, crop)
-  np.testing.assert_array_equal(pixels(0, 6, crop)[5], cropped[5])  # Same (seed, step): same crops.
-  for resumed, uninterrupted in zip(pixels(3, 3, crop), cropped[3:]):
-    np.testing.assert_array_equal(resumed, uninterrupted)
-  assert not np.allclose(pixels(0, 1, crop, seed=8)[0], pixels(0, 1, None, seed=8)[0])
-  assert not np.allclose(pixels(0, 1, crop, seed=8)[0], cropped[0])  # Another seed, other crops.
-  assert all(not np.allclose(c, p, atol=1e-3) for c, p in zip(cropped, plain))
-  # The same photo (epochs 0 and 1 of 3 steps each) is cropped differently at another step.
-  ids = [list(b["id"]) for b in itertools.islice(input_pipeline.train_batches(
-      photos, preprocess, global_batch_size=4, seed=7), 6)]
-  first, second = sum(ids[:3], []), sum(ids[3:], [])
-  flat_plain, flat_cropped = np.concatenate(plain), np.concatenate(cropped)
-  for row, photo in enumerate(first):
-    again = second.index(photo) + 12
-    np.testing.assert_array_equal(flat_plain[row], flat_plain[again])
-    assert not np.allclose(flat_cropped[row], flat_cropped[again], atol=1e-3)
-  # Flips read the same draws with or without crops: flipping is a mirror of the crop.
-  crossed = pixels(0, 6, both)
-  flipped = pixels(0, 6, input_pipeline.Augmentation(flip=True))
-  for c, x, f, p in zip(np.concatenate(cropped), np.concatenate(crossed), np.concatenate(flipped),
-                        np.concatenate(plain)):
-    mirrored = not np.array_equal(f, p)
-    np.testing.assert_array_equal(x, c[:, ::-1] if mirrored else c)

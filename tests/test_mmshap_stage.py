@@ -125,7 +125,7 @@ def test_target_label_explains_each_examples_label_instead_of_the_prediction(sta
   explainer = mmshap.Explainer(trained.model, mmshap_stage.options_from_config(config),
                                tokenizer=trained.tokenizer)
   builder = builders.prepare_in_process_order(mmshap_stage.data_config(config, trained.config))
-  source = _ShiftedLabels(builder.as_data_source("validation"), len(trained.class_names))
+  source = _ShiftedLabels(builders.data_source(builder, "validation"), len(trained.class_names))
   arrays, _ = mmshap_stage.explain_split(explainer, source, trained.preprocess, config=config,
                                          class_names=trained.class_names, split="validation")
   np.testing.assert_array_equal(arrays["targets"], arrays["labels"])

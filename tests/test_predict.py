@@ -328,16 +328,23 @@ def test_two_processes_each_read_their_rows_and_gather_them_in_input_order(loade
     barrier.wait()
     return gathered
 
-  def preprocess(rows):
-    seen[local.index].extend(input_pipeline.as_text(r["id"]) for r in rows)
+  def preprocess(rows, index):
+    seen[index].extend(input_pipeline.as_text(r["id"]) for r in rows)
     return {"id": np.asarray([r["id"] for r in rows]), "label": np.asarray([r["label"] for r in rows]),
             "row": np.asarray([read.ids.index(r["id"]) for r in rows], np.float32)}
+
+  eval_loader = input_pipeline.eval_loader
+
+  def simulated_process_loader(source, preprocess, **options):
+    # grain reads batches in a thread of its own: tell `preprocess` which simulated process it is.
+    index = local.index
+    return eval_loader(source, lambda rows: preprocess(rows, index), **options)
 
   monkeypatch.setattr(jax, "process_index", lambda: local.index)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(classifier.multihost_utils, "process_allgather", allgather)
   monkeypatch.setattr(classifier.parallel, "to_global", lambda batch, mesh: batch)
-  monkeypatch.setattr(classifier.input_pipeline, "prefetch", lambda batches: batches)
+  monkeypatch.setattr(classifier.input_pipeline, "eval_loader", simulated_process_loader)
   results, errors = {}, []
 
   def process(index):

@@ -249,3 +249,22 @@ def test_ema_weight_is_accurate_in_float32_for_a_decay_close_to_one():
                                    jnp.int32(step), decay)["w"]
     expected = (1 - decay) / (1 - decay ** step)  # float64
     assert float(average) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_train_step_prepares_each_batch_with_its_own_step():
+  """`prepare_batch(batch, step)` runs inside the step with the 0-based step the batch is for: the
+  loss of a batch of zeros shifted by the step is 0, 1, 2."""
+
+  def loss_fn(params, model_state, batch):
+    return jnp.mean(batch["x"]) + 0.0 * params["w"].sum(), ({}, None)
+
+  optimizer = optax.sgd(0.1)
+  state = {"step": jnp.zeros((), jnp.int32), "params": {"w": jnp.zeros(2)}}
+  state["opt_state"] = optimizer.init(state["params"])
+  step = jax.jit(train_lib.make_train_step(
+      loss_fn, optimizer, prepare_batch=lambda batch, step: {"x": batch["x"] + step}))
+  losses = []
+  for _ in range(3):
+    state, step_metrics = step(state, {"x": jnp.zeros(4)})
+    losses.append(float(step_metrics["loss"]))
+  assert losses == [0.0, 1.0, 2.0]

@@ -84,6 +84,27 @@ def kill(process: subprocess.Popen) -> None:
   process.wait()
 
 
+def descendants(pid: int) -> list[int]:
+  """Every process started, directly or not, by process `pid` (Linux's /proc)."""
+  children = []
+  for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+    try:
+      with open(f"/proc/{pid}/task/{task}/children") as f:
+        children.extend(int(child) for child in f.read().split())
+    except OSError:
+      continue
+  return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
+def running(pid: int) -> bool:
+  """Whether process `pid` still runs (a zombie waiting to be reaped does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
 def kill_all() -> None:
   """Every training process a test started and did not finish (conftest runs this after each test
   module, and a failing fixture's `finally` runs `finish_all`)."""
