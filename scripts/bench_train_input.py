@@ -27,7 +27,8 @@ import os
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+import argparse
+import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,14 +41,6 @@ import bench_models
 
 from jmmshap import classifier, input_pipeline, parallel, photos, train_lib
 from jmmshap.tokenizer import TitleTokenizer
-
-_SMALL = flags.DEFINE_bool("small", False, "Tiny models and photos: a smoke run on a CPU.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "4", "8", "15"], "grain worker counts to time.")
-_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per case (after 3 warm-up steps).")
-_PRODUCTS = flags.DEFINE_integer("products", 1024, "Generated products (photos reused beyond).")
-_PHOTO_SIZE = flags.DEFINE_list("photo_size", ["1000", "1300"], "Generated photos' width, height.")
-_OUT = flags.DEFINE_string("out", None, "JSON file to write.", required=True)
 
 TITLE_WORDS = "red blue green black white cotton linen shirt dress shoe bag watch lamp mug".split()
 
@@ -99,7 +92,7 @@ def time_steps(step, state, batches, count: int) -> tuple[float, float, object]:
 
 
 def run_case(name: str, settings: dict, records: list[dict], workers: Sequence[int],
-             dtype: jnp.dtype) -> list[dict]:
+             dtype: jnp.dtype, steps: int, photo_size: Sequence[int]) -> list[dict]:
   mesh = parallel.make_mesh()
   workload, batch_size = settings["workload"], settings["batch_size"]
   model = workload.build(dtype, nnx.Rngs(0))
@@ -127,24 +120,24 @@ def run_case(name: str, settings: dict, records: list[dict], workers: Sequence[i
   endless = iter(lambda: fixed, None)
   warmup = 3
   _, _, state = time_steps(step, state, endless, warmup)  # Compiles.
-  alone, _, state = time_steps(step, state, endless, _STEPS.value)
+  alone, _, state = time_steps(step, state, endless, steps)
   rows = []
   order = input_pipeline.TrainOrder(len(records), batch_size, seed=0)
   for count in workers:
     started = time.perf_counter()
     batches = input_pipeline.loader(records, preprocess, order, global_batch_size=batch_size,
-                                    start=0, stop=warmup + _STEPS.value, worker_count=count,
+                                    start=0, stop=warmup + steps, worker_count=count,
                                     transform=lambda batch: parallel.to_global(batch, mesh))
     try:
       _, _, state = time_steps(step, state, batches, warmup)
       startup = time.perf_counter() - started
-      fed, waited, state = time_steps(step, state, batches, _STEPS.value)
+      fed, waited, state = time_steps(step, state, batches, steps)
     finally:
       batches.close()
     rows.append({
         "case": name, "batch_size": batch_size, "image_size": settings["image_size"],
         "text_length": settings["text_length"], "worker_count": count,
-        "photo_size": [int(v) for v in _PHOTO_SIZE.value], "dtype": str(np.dtype(dtype)),
+        "photo_size": list(photo_size), "dtype": str(np.dtype(dtype)),
         "step_alone_s": alone, "step_with_input_s": fed, "waiting_in_next_s": waited,
         "input_wait_fraction": max(0.0, 1.0 - alone / fed),
         "images_per_s_alone": batch_size / alone, "images_per_s_with_input": batch_size / fed,
@@ -153,20 +146,28 @@ def run_case(name: str, settings: dict, records: list[dict], workers: Sequence[i
   return rows
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  dtype = jnp.dtype(_DTYPE.value)
-  size = (64, 80) if _SMALL.value else tuple(int(v) for v in _PHOTO_SIZE.value)
-  records = products(_PRODUCTS.value, size)
-  workers = [int(w) for w in _WORKERS.value]
-  if _SMALL.value and not flags.FLAGS["workers"].present:
-    workers = [0, 1]  # A CPU smoke run: its cores also run the model.
+def main(argv: Sequence[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true", help="Tiny models and photos: a CPU smoke run.")
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--workers", default=None,
+                      help="grain worker counts to time, comma-separated (default 0,4,8,15; "
+                           "0,1 with --small)")
+  parser.add_argument("--steps", type=int, default=30, help="Timed steps per case (after 3 warm-up).")
+  parser.add_argument("--products", type=int, default=1024, help="Generated products.")
+  parser.add_argument("--photo_size", default="1000,1300", help="Generated photos' width,height.")
+  parser.add_argument("--out", required=True, help="JSON file to write.")
+  args = parser.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  size = (64, 80) if args.small else tuple(int(v) for v in args.photo_size.split(","))
+  records = products(args.products, size)
+  workers = [int(w) for w in (args.workers or ("0,1" if args.small else "0,4,8,15")).split(",")]
   rows = []
-  for name, settings in case_settings(_SMALL.value).items():
-    rows.extend(run_case(name, settings, records, workers, dtype))
+  for name, settings in case_settings(args.small).items():
+    rows.extend(run_case(name, settings, records, workers, dtype, args.steps, size))
   result = {"environment": bench_models.environment(), "host_cpus": os.cpu_count(), "rows": rows}
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print("| case | workers | step alone (s) | with input (s) | waiting for input |")
   print("| --- | ---: | ---: | ---: | ---: |")
@@ -176,4 +177,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main(sys.argv[1:])
