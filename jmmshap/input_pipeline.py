@@ -227,6 +227,16 @@ def default_worker_count() -> int:
   return max(0, min(16, (cores or 1) - 1))
 
 
+def default_read_threads() -> int:
+  """Threads that read and decode batches in the main process when it has no workers: one on a
+  CPU backend (its cores run the model), else one per core (PIL decodes and resizes without the
+  GIL)."""
+  if jax.default_backend() == "cpu":
+    return 1
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(16, cores or 1))
+
+
 def worker_count(data_config: Any) -> int:
   """`data.worker_count` of a config; None or -1 (or absent): `default_worker_count()`."""
   count = data_config.get("worker_count") if hasattr(data_config, "get") else None
@@ -263,19 +273,27 @@ def _allow_grain_flags() -> None:
 def loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch],
            order: Callable[[int], np.ndarray], *, global_batch_size: int, start: int, stop: int,
            worker_count: int = 0, transform: Callable[[Batch], Any] | None = None,
-           buffer_size: int = 2, per_process: bool = True) -> grain.DatasetIterator:
+           buffer_size: int = 2, per_process: bool = True,
+           read_threads: int | None = None) -> grain.DatasetIterator:
   """An iterator over batches start..stop-1 of `order` (this process's rows of each).
 
   `worker_count` processes read and decode batches in parallel (grain `mp_prefetch`, each worker
-  its own batches, in order); `transform` (e.g. the copy to the devices) runs in a prefetch thread
-  `buffer_size` batches ahead. The iterator is checkpointable (`get_state` / `set_state`); close it
-  to stop its workers. `per_process=False` gives every process whole batches (for work that each
-  process splits otherwise, as MM-SHAP does its coalitions).
+  its own batches, in order, at most 2 ahead); without workers `read_threads` threads of this
+  process do (default: `default_read_threads()`), at most one batch each ahead. `transform`
+  (e.g. the copy to the devices) runs in a prefetch thread `buffer_size` batches ahead. So the
+  batches in flight, and the memory they take, are bounded whatever the consumer's speed. The
+  iterator is checkpointable (`get_state` / `set_state`); close it to stop its workers.
+  `per_process=False` gives every process whole batches (for work that each process splits
+  otherwise, as MM-SHAP does its coalitions).
   """
   _allow_grain_flags()
   rows = process_slice(global_batch_size) if per_process else slice(None)
   dataset = grain.MapDataset.range(start, stop).map(LoadBatch(source, preprocess, order, rows))
-  dataset = dataset.to_iter_dataset()
+  # grain's default reads 16 elements at once and up to 500 ahead: unbounded memory for batches of
+  # photos. A worker process reads one batch at a time (its queue holds the next ones).
+  threads = 0 if worker_count else (read_threads or default_read_threads())
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                      prefetch_buffer_size=max(1, threads)))
   if worker_count:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2),
@@ -289,12 +307,13 @@ def loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch],
 def eval_loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
                 global_batch_size: int, worker_count: int = 0, drop_remainder: bool = False,
                 transform: Callable[[Batch], Any] | None = None, count: int | None = None,
-                per_process: bool = True) -> grain.DatasetIterator:
+                per_process: bool = True, read_threads: int | None = None
+                ) -> grain.DatasetIterator:
   """Each of a split's first `count` examples (all: None) once, in order (see `SplitOrder`)."""
   order = SplitOrder(len(source) if count is None else count, global_batch_size, drop_remainder)
   return loader(source, preprocess, order, global_batch_size=global_batch_size, start=0,
                 stop=len(order), worker_count=worker_count, transform=transform,
-                per_process=per_process)
+                per_process=per_process, read_threads=read_threads)
 
 
 def eval_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,

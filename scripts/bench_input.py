@@ -38,7 +38,9 @@ from jmmshap.tokenizer import TitleTokenizer
 _OUTPUT = flags.DEFINE_string("output", "docs/benchmarks/input_pipeline.json", "JSON to write.")
 _TABLE = flags.DEFINE_string("table", "/tmp/bench_input_table.md", "Markdown table to write.")
 _SIZES = flags.DEFINE_list("sizes", ["64", "224", "288"], "Photo sizes (px).")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "grain worker counts of the new pipeline.")
+_WORKERS = flags.DEFINE_list("workers", ["1", "2"], "grain worker counts of the new pipeline.")
+_READ_THREADS = flags.DEFINE_list("read_threads", ["1", "2"],
+                                  "Read threads of the new pipeline without workers (worker_count 0).")
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny counts: a smoke test, not a measurement.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-data cache (None: TFDS's default).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/jmmshap_bench_input"),
@@ -134,11 +136,12 @@ def time_old(source: Any, order: TrainOrder, batches: int,
 
 
 def run_new(source: Any, preprocess: Preprocessor, order: TrainOrder, batches: int,
-            workers: int) -> tuple[float, float]:
+            workers: int, threads: int | None) -> tuple[float, float]:
   """(seconds to the first batch, seconds to the last) of a fresh loader over `batches`."""
   start = time.perf_counter()
-  iterator = input_pipeline.loader(source, preprocess, order, global_batch_size=order.global_batch_size,
-                                   start=0, stop=batches, worker_count=workers)
+  iterator = input_pipeline.loader(source, preprocess, order, start=0, stop=batches,
+                                   global_batch_size=order.global_batch_size,
+                                   worker_count=workers, read_threads=threads)
   try:
     next(iterator)
     first = time.perf_counter() - start
@@ -150,13 +153,13 @@ def run_new(source: Any, preprocess: Preprocessor, order: TrainOrder, batches: i
 
 
 def time_new(source: Any, preprocess: Preprocessor, order: TrainOrder, batches: int,
-             workers: int, quick: bool) -> dict[str, Any]:
-  """Steady throughput as the difference of a long and a short run: grain's read threads (16 per
-  process) finish the first ~16 batches together, so "after the first batch" would leave them out;
-  the difference drops the start-up (worker spawn, imports, pipeline fill) whatever it is."""
+             workers: int, threads: int | None, quick: bool) -> dict[str, Any]:
+  """Steady throughput as the difference of a long and a short run: the first batches arrive
+  together with the ones read ahead, so "after the first batch" would leave them out; the
+  difference drops the start-up (worker spawn, imports, pipeline fill) whatever it is."""
   short = 2 if quick else max(2 * (workers + 1), batches // 4)
-  _, short_s = run_new(source, preprocess, order, short, workers)
-  first_s, long_s = run_new(source, preprocess, order, batches, workers)
+  _, short_s = run_new(source, preprocess, order, short, workers, threads)
+  first_s, long_s = run_new(source, preprocess, order, batches, workers, threads)
   seconds = long_s - short_s
   return {"batches": batches - short, "seconds": seconds, "first_batch_s": first_s,
           "startup_s": long_s - seconds * batches / (batches - short),
@@ -165,34 +168,43 @@ def time_new(source: Any, preprocess: Preprocessor, order: TrainOrder, batches: 
 
 
 def cases(dataset: str, source: Any, size: int | None, tokenizer: TitleTokenizer | None,
-          batch: int, workers: Sequence[int], quick: bool, old: bool = True) -> list[dict]:
+          batch: int, workers: Sequence[tuple[int, int | None]], quick: bool,
+          old: bool = True) -> list[dict]:
   """Rows of one dataset and size: the new pipeline at each worker count, then old (one thread).
-  The batch counts aim at --seconds on one thread, from one calibration batch of each."""
+  The batch counts aim at --seconds on one thread, from the best of two calibration batches of
+  each, called in this thread (`one_thread_*_per_s`: the per-photo work without parallelism)."""
   order = TrainOrder(len(source), batch, seed=0)
   new = Preprocessor(tokenizer, size)
-  plans: list[tuple[str, int, Callable[[], dict]]] = []
+  plans: list[tuple[str, tuple[int, int | None], Callable[[], dict]]] = []
+  one_thread: dict[str, float] = {}
   for pipeline, work in (("new", new), ("old", lambda r: old_batch(r, tokenizer, size))):
     if pipeline == "old" and not old:
       continue
     records = input_pipeline.read_records(source, order(0))
     work(records)  # Warm the page cache and the code paths.
-    start = time.perf_counter()
-    work(records)
-    rate = batch / (time.perf_counter() - start)
+    rate = 0.0
+    for _ in range(2):
+      start = time.perf_counter()
+      work(records)
+      rate = max(rate, batch / (time.perf_counter() - start))
+    one_thread[pipeline] = round(rate, 1)
     least = 16 if pipeline == "new" else 3
     count = 4 if quick else int(np.clip(round(_SECONDS.value * rate / batch), least, 400))
     if pipeline == "new":
-      plans += [("new", w, lambda w=w, c=count: time_new(source, new, order, c, w, quick))
-                for w in workers]
+      plans += [("new", (w, t), lambda w=w, t=t, c=count: time_new(source, new, order, c, w, t,
+                                                                  quick))
+                for w, t in workers]
     else:
-      plans.append(("old", 0, lambda c=count, work=work: time_old(source, order, c, work)))
+      plans.append(("old", (0, 1), lambda c=count, work=work: time_old(source, order, c, work)))
   rows = []
-  for pipeline, w, run in plans:
+  for pipeline, (w, t), run in plans:
     load = os.getloadavg()
-    row = {"dataset": dataset, "image_size": size, "worker_count": w, "pipeline": pipeline,
+    row = {"dataset": dataset, "image_size": size, "worker_count": w,
+           "read_threads": t if not w else None, "pipeline": pipeline,
            "batch_size": batch, "loadavg_at_start": [round(x, 2) for x in load], **run()}
     rate = round(row["batches"] * batch / row["seconds"], 1)
     row["images_per_s" if size else "examples_per_s"] = rate
+    row["one_thread_images_per_s" if size else "one_thread_examples_per_s"] = one_thread[pipeline]
     if size:
       row["bytes_per_photo"] = size * size * 3 * (1 if pipeline == "new" else 4)
     print(json.dumps(row), flush=True)
@@ -205,14 +217,21 @@ def table(rows: Sequence[dict]) -> str:
   bounded copies: on the original large photos, i.e. old storage + old pipeline)."""
   rate = lambda r: r.get("images_per_s") or r.get("examples_per_s")
   old = {(r["dataset"], r["image_size"]): rate(r) for r in rows if r["pipeline"] == "old"}
-  lines = ["| dataset | size | pipeline | workers | images/s | ratio to old |",
+  lines = ["| dataset | size | pipeline | workers (threads) | images/s (titles: examples/s) | "
+           "ratio to old |",
            "| --- | ---: | --- | ---: | ---: | ---: |"]
   for r in rows:
     base = old.get((r["dataset"].replace(f"_bounded{BOUND}", ""), r["image_size"]))
     ratio = f"{rate(r) / base:.2f}" if base else ""
     lines.append(f"| {r['dataset']} | {r['image_size'] or '-'} | {r['pipeline']} | "
-                 f"{r['worker_count']} | {rate(r):.0f} | {ratio} |")
+                 f"{_workers(r)} | {rate(r):.0f} | {ratio} |")
   return "\n".join(lines) + "\n"
+
+
+def _workers(row: dict) -> str:
+  threads = row.get("read_threads")
+  return f"{row['worker_count']} ({threads} thread{'s' if threads > 1 else ''})" if threads else str(
+      row["worker_count"])
 
 
 def mean_bytes(source: Any, count: int = 200) -> float:
@@ -224,7 +243,8 @@ def main(argv: Sequence[str]) -> None:
   began = time.perf_counter()
   quick = _QUICK.value
   sizes = [int(s) for s in _SIZES.value]
-  workers = [int(w) for w in _WORKERS.value]
+  workers = ([(0, int(t)) for t in _READ_THREADS.value]
+             + [(int(w), None) for w in _WORKERS.value if int(w) > 0])
   fashion = train_source(common.data_config("fashion"))
   sources = {"fashion": fashion}
   for name, folder in large_folders(48 if quick else 512).items():

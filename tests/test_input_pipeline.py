@@ -3,6 +3,7 @@ per-process rows, worker processes that change nothing, and cheap decoding of la
 
 import io
 import itertools
+import time
 
 import jax
 import numpy as np
@@ -166,3 +167,26 @@ def test_batch_size_must_split_over_devices():
     parallel.check_batch_size(5)
 
 
+
+
+def test_batches_read_ahead_of_a_slow_consumer_stay_few():
+  """grain on its own reads up to 500 elements ahead; batches of photos would fill the memory of a
+  process whose consumer (the step) is slower than its input. Here at most a handful are read."""
+  source = [{"id": f"p{i}", "label": 0} for i in range(6400)]
+  read = []
+
+  def preprocess(records):
+    read.append(len(records))
+    return {"x": np.zeros((len(records), 8), np.uint8)}
+
+  for threads in (1, 2):
+    read.clear()
+    batches = input_pipeline.loader(source, preprocess, input_pipeline.SplitOrder(6400, 64),
+                                    global_batch_size=64, start=0, stop=100, read_threads=threads)
+    try:
+      next(batches)
+      time.sleep(0.5)
+      assert len(read) <= 4 + 2 * threads, (threads, len(read))
+      assert len(list(batches)) == 99  # And all of them come, in the end.
+    finally:
+      batches.close()
