@@ -219,8 +219,9 @@ class LoadBatch:
 
 def default_worker_count() -> int:
   """Worker processes when a config leaves `data.worker_count` unset: a core each, one left for
-  the process that runs the steps; none where the CPU is also the accelerator (the cores run the
-  model there, and a 2-core machine measured no gain)."""
+  the process that runs the steps; none where the CPU is also the accelerator (its cores run the
+  model; the fashion image stage on 2 cores trains no slower with one read thread than before,
+  docs/BENCHMARKS.md)."""
   if jax.default_backend() == "cpu":
     return 0
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
