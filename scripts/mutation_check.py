@@ -264,7 +264,8 @@ MUTANTS = (
            "  rows = process_slice(global_batch_size) if per_process else slice(None)",
            "  rows = process_slice(global_batch_size) if per_process and not worker_count else slice(None)",
            "With workers, every process reads whole batches instead of its block of rows.",
-           ("tests/test_distributed.py::test_process_slices_make_up_the_single_process_batch",)),
+           ("tests/test_input_pipeline.py::test_worker_processes_give_the_batches_of_the_main_"
+            "process",)),
     Mutant("draft_not_used", "jmmshap/input_pipeline.py",
            '        image.draft("RGB", (size, size))',
            "        pass",
@@ -293,7 +294,7 @@ MUTANTS = (
            'batch["mask"] = np.ones_like(real, np.float32)',
            "Padding rows of the last evaluation batch are marked as real examples.", INPUT),
     # The image learner's options (issue #20).
-    Mutant("crops_drawn_from_the_rows_own_index", "jmmshap/photos.py",
+    Mutant("augmentation_the_same_every_step", "jmmshap/photos.py",
            "key = jax.random.fold_in(jax.random.key(seed), step)",
            "key = jax.random.key(seed)",
            "Augmentation draws the same crops and flips at every step.", CROPS),

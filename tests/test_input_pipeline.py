@@ -94,12 +94,17 @@ def test_a_restored_grain_state_resumes_at_the_next_batch(source, preprocess):
     np.testing.assert_array_equal(ours["id"], theirs["id"])
 
 
-def test_worker_processes_give_the_batches_of_the_main_process(source, preprocess):
+def test_worker_processes_give_the_batches_of_the_main_process(source, preprocess, monkeypatch):
   """Two grain workers decode alternate batches; order and content are those of no workers, and
-  the uint8 photos augmented on the device from (seed, step) are too."""
+  the uint8 photos augmented on the device from (seed, step) are too. As process 1 of 2, so the
+  workers too read only that process's rows."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
   order = input_pipeline.TrainOrder(len(source), 4, 7)
   alone = _batches(source, preprocess, order, 2, 9)
   workers = _batches(source, preprocess, order, 2, 9, workers=2)
+  assert all(len(batch["id"]) == 2 for batch in alone)
+  assert [list(b["id"]) for b in alone] == [[f"p{i}" for i in order(step)[2:]] for step in range(2, 9)]
   transform = photos.PhotoTransform(augmentation=photos.Augmentation(flip=True, crop_area=(0.3, 0.8)),
                                     seed=7)
   training = jax.jit(transform.training)
