@@ -108,11 +108,12 @@ class Preprocessor:
     return photos.PhotoTransform(self.mean, self.std, augmentation, seed)
 
   def normalised(self, batch: Batch) -> Batch:
-    """The batch with float32 normalised pixel_values (computed on the device, brought back)."""
+    """The batch with float32 normalised pixel_values, on the host, for code that moves its inputs
+    to the devices itself (the MM-SHAP explainer): no round trip through a device."""
     if "pixel_values" not in batch:
       return batch
-    pixels = _normalise(batch["pixel_values"], self.mean, self.std)
-    return {**batch, "pixel_values": np.asarray(pixels)}
+    return {**batch, "pixel_values": photos.normalise_on_host(batch["pixel_values"], self.mean,
+                                                              self.std)}
 
   def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
     batch: Batch = {
@@ -125,9 +126,6 @@ class Preprocessor:
       batch["pixel_values"] = np.stack([decode_image(r["image"], self.image_size)
                                         for r in records])
     return batch
-
-
-_normalise = jax.jit(photos.normalise, static_argnums=(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------

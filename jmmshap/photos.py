@@ -31,7 +31,7 @@ def normalise(pixels: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
 
 
 def normalise_on_host(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """The numpy twin of `normalise` (the reference its tests compare against)."""
+  """The numpy twin of `normalise`, for float pixels wanted on the host (`Preprocessor.normalised`)."""
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
   return (pixels.astype(np.float32) / 255.0 - mean) / std
 
