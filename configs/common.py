@@ -36,6 +36,9 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   # grain worker processes that read, decode and tokenise batches (0: in the main process; None:
   # input_pipeline.default_worker_count(), none on a CPU backend). Changes no result.
   data.worker_count = ml_collections.config_dict.placeholder(int)
+  # Processes that check and decode a product catalogue's photos while it is prepared (0: this
+  # process; None: one per core from 2,000 rows on). Changes no result.
+  data.prepare_workers = ml_collections.config_dict.placeholder(int)
   if variant == "toyshop":
     data.name = "toyshop"
     data.toyshop = ml_collections.ConfigDict(dict(

@@ -29,7 +29,8 @@ def get_config(arg: str = "toyshop") -> ml_collections.ConfigDict:
   config.seed = 0  # KernelSHAP draws for example i of a split use the key (seed, i).
   config.data = ml_collections.ConfigDict(dict(data_dir=placeholder(str),
                                                 manual_dir=placeholder(str),
-                                                worker_count=placeholder(int)))
+                                                worker_count=placeholder(int),
+                                                prepare_workers=placeholder(int)))
   config.splits = ("validation", "test")
   config.max_examples = 0  # Per split; 0: all.
 

@@ -15,6 +15,10 @@ A builder config's name ends in a hash of every setting that changes the prepare
 builders, of the CSV's content), so two settings never share a prepared cache. `prepare(data_config)` is
 the one entry point for the pipeline.
 
+The CSV builders prepare through `preparation` (rows streamed shard by shard, photos checked in worker
+processes, `data.prepare_workers`); each catalogue's photos are fingerprinted through the
+`photo_hashes` cache, once per main job (`catalogues_read_once`).
+
 Bad rows of the CSV builders (missing or corrupt image, empty title, label outside the class set, bytes
 that are not UTF-8, ...) stop preparation with an error naming the CSV line and file, or, with
 `on_bad_row='skip'`, are skipped, logged and listed in `bad_rows.json` next to the prepared data.
@@ -28,69 +32,30 @@ row starts on and bad rows whose split is unknown are under 'unassigned'.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
-import importlib.resources.abc
-import importlib.util
 import json
 import os
-import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jmmshap import catalog, toyshop
+from jmmshap import catalog, photo_hashes, preparation, toyshop
 # Re-exported: the splits, and the errors a bad CSV raises, are part of what a builder means.
 from jmmshap.catalog import (EVAL_SPLITS, ON_BAD_ROW, SPLITS, UNASSIGNED, BadRow, BadRowError,  # noqa: F401
                              CsvFormatError)
-
-# TFDS looks up builders defined inside a package through the `importlib_resources` backport, which it
-# only declares for Python < 3.9 (tensorflow/datasets#11212). Where the backport is absent, the standard
-# library module provides the one thing TFDS uses from it (`abc.Traversable`).
-if importlib.util.find_spec("importlib_resources") is None:
-  sys.modules["importlib_resources"] = importlib.resources
-
-REPORT_FILE = "bad_rows.json"
-_SKIP_HINT = "set --config.data.on_bad_row=skip"
-_MAX_LOGGED_BAD_ROWS = 20
-
-
-def _features(class_names: Sequence[str],
-              image_shape: tuple[int | None, int | None, int] = (None, None, 3),
-              encoding_format: str | None = None) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({
-      "id": tfds.features.Text(),
-      "title": tfds.features.Text(),
-      "image": tfds.features.Image(shape=image_shape, encoding_format=encoding_format),
-      "label": tfds.features.ClassLabel(names=list(class_names)),
-  })
+from jmmshap.preparation import REPORT_FILE, read_report  # noqa: F401
 
 
 def _settings_hash(settings: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-class _LocalDatasetInfo(tfds.core.DatasetInfo):
-  """Our datasets are built on this machine, never on TFDS's bucket: there is nothing to fetch, and
-  TFDS's lookup would leave an empty temporary folder behind for every builder not yet prepared."""
-
-  def initialize_from_bucket(self) -> None:
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,10 +85,10 @@ class Toyshop(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     spec = _require_config(self, ToyshopConfig, "toyshop_config(spec)").spec
     infos = toyshop.classes(spec)
-    return _LocalDatasetInfo(
+    return preparation.LocalDatasetInfo(
         builder=self,
         description="Generated products whose per-class modality reliance is known (jmmshap.toyshop).",
-        features=_features([c.name for c in infos], (spec.image_size, spec.image_size, 3), "png"),
+        features=preparation.features([c.name for c in infos], (spec.image_size, spec.image_size, 3), "png"),
         metadata=tfds.core.MetadataDict(
             class_reliance=[dataclasses.asdict(c) for c in infos],
             spec=dataclasses.asdict(spec),
@@ -146,130 +111,6 @@ def _require_config(builder: tfds.core.DatasetBuilder, config_type: type, factor
         f"{type(builder).__name__} needs a {config_type.__name__} (got {config!r}): build it with "
         f"jmmshap.builders.prepare(data_config), or pass config={factory}.")
   return config
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading product CSVs, shared by FashionProducts and ProductFolder.
-
-
-class _ProductCsvBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared preparation of the CSV builders: selection, image checks, bad-row policy and report."""
-
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Pass the folder holding the product CSV and its images as "
-                                  "--config.data.manual_dir.")
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    config = self._config()
-    return _LocalDatasetInfo(builder=self, description=self.__doc__,
-                             features=_features(config.class_names))
-
-  def _config(self):
-    raise NotImplementedError
-
-  def _read(self, manual_dir: str) -> catalog.Catalog:
-    raise NotImplementedError
-
-  def _image_dir(self, manual_dir: str) -> str:
-    raise NotImplementedError
-
-  def _select(self, products: catalog.Catalog) -> tuple[dict[str, list[catalog.Row]], list[catalog.BadRow], dict[str, int]]:
-    """(rows per split, rows that are bad because of the class set, rows excluded by selection)."""
-    raise NotImplementedError
-
-  def _split_generators(self, dl_manager):
-    config = self._config()
-    products = self._read(os.fspath(dl_manager.manual_dir))
-    found_sha = _file_sha256(products.csv_path)
-    found_images = catalog.images_fingerprint(self._image_dir(os.fspath(dl_manager.manual_dir)),
-                                              products.rows)
-    if found_sha != config.csv_sha256:
-      raise ValueError(
-          f"{products.csv_path} changed since this builder config was made (sha256 {found_sha[:10]}, "
-          f"config {config.csv_sha256[:10]}); make the config again (prepare() does).")
-    if found_images != config.images_sha256:
-      raise ValueError(
-          f"the images of {products.csv_path} changed since this builder config was made; make the "
-          "config again (prepare() does).")
-    rows_by_split, selection_bad_rows, excluded = self._select(products)
-    bad_rows = []
-
-    def reject(bad: catalog.BadRow) -> None:
-      if config.on_bad_row == "error":
-        raise catalog.BadRowError(
-            f"Bad row in {catalog.describe(products.csv_path, bad)}. Fix or remove the row, or "
-            f"{_SKIP_HINT} to skip bad rows (they are then listed in {REPORT_FILE} next to the "
-            "prepared data).")
-      if len(bad_rows) < _MAX_LOGGED_BAD_ROWS:
-        logging.warning("Skipping bad row (on_bad_row=skip): %s", catalog.describe(products.csv_path, bad))
-      bad_rows.append(bad)
-
-    for bad in sorted(products.bad_rows + selection_bad_rows, key=lambda bad: bad.line):
-      reject(bad)
-    # Every image is decoded here, before anything is written, so an error stops preparation before
-    # it starts and the report is complete when it is written next to the data.
-    converted = {}
-    for split in SPLITS:
-      good = []
-      for row in rows_by_split[split]:
-        try:
-          data, was_converted = catalog.encoded_rgb_image(row.image_path)
-        except catalog.ImageProblem as problem:
-          reject(catalog.BadRow(split, row.line, row.id, row.image_path, problem.reason))
-          continue
-        if was_converted:
-          converted[row.id] = data
-        good.append(row)
-      rows_by_split[split] = good
-      if not good:
-        raise ValueError(
-            f"{products.csv_path}: split {split!r} has no usable rows (see the bad rows logged above, "
-            f"and the split column / class selection); every split needs at least one product.")
-
-    self._write_report(products.csv_path, bad_rows, excluded, rows_by_split)
-    return {split: self._generate_examples(rows_by_split[split], converted) for split in SPLITS}
-
-  def _write_report(self, csv_path: str, bad_rows: Sequence[catalog.BadRow], excluded: Mapping[str, int],
-                    rows_by_split: Mapping[str, Sequence[catalog.Row]]) -> None:
-    by_split = collections.defaultdict(list)
-    for bad in sorted(bad_rows, key=lambda bad: bad.line):
-      by_split[bad.split].append({"line": bad.line, "id": bad.id, "file": bad.file, "reason": bad.reason})
-    report = {
-        "csv": csv_path,
-        "on_bad_row": self._config().on_bad_row,
-        "examples": {split: len(rows_by_split[split]) for split in SPLITS},
-        "skipped": {split: len(by_split.get(split, [])) for split in (*SPLITS, UNASSIGNED)},
-        "excluded_by_selection": {split: excluded.get(split, 0) for split in SPLITS},
-        "bad_rows": {split: by_split.get(split, []) for split in (*SPLITS, UNASSIGNED)},
-    }
-    if bad_rows:
-      logging.warning("%s: skipped %d bad rows (%s); all are listed in %s in the prepared dataset "
-                      "directory.", self.name, len(bad_rows),
-                      ", ".join(f"{k}: {v}" for k, v in report["skipped"].items() if v), REPORT_FILE)
-    if any(excluded.values()):
-      logging.info("%s: %d rows excluded by class selection (%s).", self.name, sum(excluded.values()),
-                   ", ".join(f"{k}: {v}" for k, v in report["excluded_by_selection"].items()))
-    # During preparation data_dir is TFDS's temporary directory, renamed with the data on success.
-    with open(os.path.join(self.data_dir, REPORT_FILE), "w") as f:
-      json.dump(report, f, indent=1)
-
-  def _generate_examples(self, rows: Sequence[catalog.Row], converted: Mapping[str, bytes]):
-    class_names = set(self._config().class_names)
-    for row in rows:
-      assert row.label in class_names, row  # _select guarantees it.
-      image = converted.get(row.id)
-      if image is None:
-        with open(row.image_path, "rb") as f:
-          image = f.read()
-      yield row.id, {"id": row.id, "title": row.title, "image": image, "label": row.label}
-
-
-def read_report(builder: tfds.core.DatasetBuilder) -> dict | None:
-  """The bad-row / selection report of a prepared CSV dataset; None for builders that write none."""
-  path = os.path.join(os.fspath(builder.data_dir), REPORT_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,8 +140,10 @@ def select_classes(label_counts: Mapping[str, int], top_k: int | None,
 
 def fashion_products_config(manual_dir: str, *, label_field: str = "article_type",
                             top_k: int | None = 31, min_count: int | None = None,
-                            on_bad_row: str = "error") -> FashionProductsConfig:
-  """Reads the CSV to fix the class set (from counts over the whole file) and the cache name."""
+                            on_bad_row: str = "error",
+                            hash_cache: str | None = None) -> FashionProductsConfig:
+  """Reads the CSV to fix the class set (from counts over the whole file) and the cache name;
+  `hash_cache`: the photo_hashes cache file (None: every photo is read)."""
   catalog.check_on_bad_row(on_bad_row)
   if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
     raise ValueError(f"fashion_products top_k={top_k!r}: expected a positive int or None (all).")
@@ -312,8 +155,9 @@ def fashion_products_config(manual_dir: str, *, label_field: str = "article_type
   class_names = select_classes(counts, top_k, min_count)
   if not class_names:
     raise ValueError(f"{products.csv_path}: no {label_field} class has at least {min_count} items.")
-  csv_sha256 = _file_sha256(products.csv_path)
-  images_sha256 = catalog.images_fingerprint(catalog.fashion_image_dir(manual_dir), products.rows)
+  csv_sha256 = preparation.file_sha256(products.csv_path)
+  images_sha256 = catalog.images_fingerprint(catalog.fashion_image_dir(manual_dir), products.rows,
+                                             hash_cache)
   settings = dict(label_field=label_field, top_k=top_k, min_count=min_count, on_bad_row=on_bad_row,
                   csv_sha256=csv_sha256, images_sha256=images_sha256)
   selection = (f"top{top_k}" if top_k is not None else "") + (
@@ -325,11 +169,12 @@ def fashion_products_config(manual_dir: str, *, label_field: str = "article_type
       csv_sha256=csv_sha256, images_sha256=images_sha256, class_names=tuple(class_names))
 
 
-class FashionProducts(_ProductCsvBuilder):
+class FashionProducts(preparation.ProductCsvBuilder):
   """Myntra fashion products (products.csv + images/{id}.jpg), its fixed split, a selected class set."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": preparation.STREAMED}
 
   def _config(self) -> FashionProductsConfig:
     return _require_config(self, FashionProductsConfig, "fashion_products_config(manual_dir, ...)")
@@ -419,8 +264,10 @@ def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_d
                           id_column: str = "id", text_column: str = "text",
                           label_column: str = "label", split_column: str | None = None,
                           image_column: str | None = None, classes: Sequence[str] | None = None,
-                          split_seed: int = 0, on_bad_row: str = "error") -> ProductFolderConfig:
-  """Reads the CSV to fix the class set (explicit, or the sorted train labels) and the cache name."""
+                          split_seed: int = 0, on_bad_row: str = "error",
+                          hash_cache: str | None = None) -> ProductFolderConfig:
+  """Reads the CSV to fix the class set (explicit, or the sorted train labels) and the cache name;
+  `hash_cache`: the photo_hashes cache file (None: every photo is read)."""
   catalog.check_on_bad_row(on_bad_row)
   if classes is not None:
     classes = tuple(str(name).strip() for name in classes)
@@ -440,8 +287,9 @@ def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_d
     if not class_names:
       raise ValueError(f"{products.csv_path}: no usable train rows, so no class set; fix the CSV or "
                        "pass an explicit classes list.")
-  csv_sha256 = _file_sha256(products.csv_path)
-  images_sha256 = catalog.images_fingerprint(os.path.join(manual_dir, image_dir), products.rows)
+  csv_sha256 = preparation.file_sha256(products.csv_path)
+  images_sha256 = catalog.images_fingerprint(os.path.join(manual_dir, image_dir), products.rows,
+                                             hash_cache)
   # The CSV and images are identified by their content (and the images' sizes and times), not by
   # where they live, so a moved folder keeps its cache.
   settings = dict(image_dir=config.image_dir, id_column=id_column, text_column=text_column,
@@ -454,7 +302,7 @@ def product_folder_config(manual_dir: str, *, csv: str = "products.csv", image_d
       csv_sha256=csv_sha256, images_sha256=images_sha256, class_names=class_names)
 
 
-class ProductFolder(_ProductCsvBuilder):
+class ProductFolder(preparation.ProductCsvBuilder):
   """A folder of product images plus a CSV, in the layout of TAIMD-17k style catalogues.
 
   The CSV (UTF-8, with a header row) has one row per product with these columns (names configurable):
@@ -469,8 +317,9 @@ class ProductFolder(_ProductCsvBuilder):
   formats are stored as RGB PNG.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": preparation.STREAMED}
 
   def _config(self) -> ProductFolderConfig:
     return _require_config(self, ProductFolderConfig, "product_folder_config(manual_dir, ...)")
@@ -526,6 +375,36 @@ def _manual_dir(data_config: ml_collections.ConfigDict, what: str) -> str:
   return os.path.abspath(os.path.expanduser(manual_dir))
 
 
+_configs_of_this_job: dict[str, tfds.core.BuilderConfig] | None = None
+
+
+@contextlib.contextmanager
+def catalogues_read_once():
+  """Within it (a main job), each product catalogue is read and its photos fingerprinted once,
+  however many stages build its dataset config; outside, every call reads them anew."""
+  global _configs_of_this_job
+  outer, _configs_of_this_job = _configs_of_this_job, _configs_of_this_job or {}
+  try:
+    yield
+  finally:
+    _configs_of_this_job = outer
+
+
+def _catalogue_config(make: Any, manual_dir: str, **settings: Any) -> tfds.core.BuilderConfig:
+  if _configs_of_this_job is None:
+    return make(manual_dir, **settings)
+  key = json.dumps([make.__name__, manual_dir, settings], sort_keys=True, default=str)
+  if key not in _configs_of_this_job:
+    _configs_of_this_job[key] = make(manual_dir, **settings)
+  return _configs_of_this_job[key]
+
+
+def hash_cache_path(data_config: ml_collections.ConfigDict) -> str:
+  """This host's photo_hashes cache, beside the prepared datasets."""
+  data_dir = data_config.get("data_dir") or tfds.core.constants.DATA_DIR
+  return photo_hashes.default_cache_path(os.path.expanduser(data_dir))
+
+
 def builder_for(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The builder and its config for `data_config`, not yet prepared (see `prepare`)."""
   name = data_config.get("name")
@@ -534,17 +413,18 @@ def builder_for(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
   if name == "toyshop":
     return Toyshop(config=toyshop_config(_toyshop_spec(data_config)), data_dir=data_dir,
                    file_format="array_record")
+  hash_cache = hash_cache_path(data_config)
   if name == "fashion_products":
-    config = fashion_products_config(
-        _manual_dir(data_config, "products.csv and images/"),
+    config = _catalogue_config(
+        fashion_products_config, _manual_dir(data_config, "products.csv and images/"),
         label_field=data_config.get("label_field") or "article_type",
         top_k=data_config.get("top_k", 31) or None, min_count=data_config.get("min_count"),
-        on_bad_row=on_bad_row)
-    return FashionProducts(config=config, data_dir=data_dir, file_format="array_record")
-  if name == "product_folder":
+        on_bad_row=on_bad_row, hash_cache=hash_cache)
+    builder = FashionProducts(config=config, data_dir=data_dir, file_format="array_record")
+  elif name == "product_folder":
     classes = data_config.get("classes")
-    config = product_folder_config(
-        _manual_dir(data_config, "the product CSV and images"),
+    config = _catalogue_config(
+        product_folder_config, _manual_dir(data_config, "the product CSV and images"),
         csv=data_config.get("csv") or "products.csv",
         image_dir=data_config.get("image_dir") or "images",
         id_column=data_config.get("id_column") or "id",
@@ -552,9 +432,14 @@ def builder_for(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuil
         label_column=data_config.get("label_column") or "label",
         split_column=data_config.get("split_column"), image_column=data_config.get("image_column"),
         classes=None if classes is None else tuple(classes),
-        split_seed=data_config.get("split_seed") or 0, on_bad_row=on_bad_row)
-    return ProductFolder(config=config, data_dir=data_dir, file_format="array_record")
-  raise ValueError(f"data.name={name!r}; expected one of toyshop, fashion_products, product_folder.")
+        split_seed=data_config.get("split_seed") or 0, on_bad_row=on_bad_row,
+        hash_cache=hash_cache)
+    builder = ProductFolder(config=config, data_dir=data_dir, file_format="array_record")
+  else:
+    raise ValueError(f"data.name={name!r}; expected one of toyshop, fashion_products, product_folder.")
+  builder.photo_workers = data_config.get("prepare_workers")
+  builder.hash_cache = hash_cache
+  return builder
 
 
 def prepare(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:

@@ -28,7 +28,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from jmmshap import classifier, clip_pretrain, config_checks, ensemble, mmshap_stage, workdir
+from jmmshap import (builders, classifier, clip_pretrain, config_checks, ensemble, mmshap_stage,
+                     workdir)
 from jmmshap.builders import EVAL_SPLITS
 
 # check(config, prefix, devices, the main job's `stages` or None) -> problems.
@@ -247,7 +248,8 @@ def run(config: ml_collections.ConfigDict, root: str,
   stage = REGISTRY[config.stage]
   directory = (ensemble.output_dir(root, config) if stage.name == MAIN_JOB
                else workdir.stage_dir(root, stage.name))
-  with workdir.StageLock(directory):
+  # One read of each catalogue for the whole job: its photos are fingerprinted once, not per stage.
+  with workdir.StageLock(directory), builders.catalogues_read_once():
     if stage.name == MAIN_JOB and config.mode == "train":
       run_upstream(config, root)
     return stage.run(workdir.resolve_paths(config, root), root)

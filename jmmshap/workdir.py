@@ -229,7 +229,7 @@ def read_config(root: str, stage: str) -> ml_collections.ConfigDict:
 # Settings that change neither what a stage learns nor what it writes: not part of its fingerprint
 # (the data's location is not either; the dataset's identity is).
 UNFINGERPRINTED = ("mode", "rerun", "output_dir", "log_every_steps", "keep_checkpoints",
-                   "data.data_dir", "data.manual_dir", "data.worker_count")
+                   "data.data_dir", "data.manual_dir", "data.worker_count", "data.prepare_workers")
 
 
 class StaleStageError(ValueError):

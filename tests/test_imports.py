@@ -12,8 +12,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     ("models", "models.bert", "models.clip", "models.clip_vision", "models.hf",
      "models.initializers", "models.mmbt", "models.resnet", "shapley", "metrics", "parallel",
-     "photos", "plots", "players", "tokenizer", "toyshop", "explanations", "launch"),
-    ("catalog", "builders", "input_pipeline", "products"),
+     "photo_hashes", "photos", "plots", "players", "tokenizer", "toyshop", "explanations", "launch"),
+    ("catalog", "preparation", "builders", "input_pipeline", "products"),
     ("config_checks", "workdir", "checkpoints"),
     ("train_lib", "games", "mmshap", "learner_outputs", "weighting"),
     ("classifier", "clip_pretrain", "mmshap_stage", "meta", "report", "ensemble"),
