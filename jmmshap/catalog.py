@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import re
 import unicodedata
 from collections.abc import Sequence
 
@@ -318,7 +319,9 @@ def encoded_rgb_bytes(data: bytes) -> tuple[bytes, bool]:
         return data, False
       rgb = image.convert("RGB")
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types for malformed files.
-    raise ImageProblem(f"corrupt image ({type(e).__name__}: {e})") from None
+    # PIL names the in-memory file by its address; the report names the file instead.
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+    raise ImageProblem(f"corrupt image ({type(e).__name__}: {message})") from None
   buffer = io.BytesIO()
   rgb.save(buffer, format="PNG")
   return buffer.getvalue(), True

@@ -12,6 +12,7 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
 # pylint: disable=wrong-import-position  (after the environment above)
 import importlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,6 +118,29 @@ def with_options(tmp_path_factory, tiny):
   job = str(tmp_path_factory.mktemp("image_options"))
   report = pipeline.run(config, job)
   return config, job, report
+
+
+_opened: list[str] | None = None  # Files opened in this process, while `opened_files` records.
+
+
+def _record_open(event: str, args: tuple) -> None:
+  if event == "open" and _opened is not None and isinstance(args[0], (str, bytes)):
+    _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_open)  # An audit hook cannot be removed: it records only when asked.
+
+
+@pytest.fixture
+def opened_files():
+  """The paths this process opens (Python's `open` audit event, raised by every file open) while
+  the test runs: how a test sees that files are not read, without timing anything."""
+  global _opened
+  _opened = []
+  try:
+    yield _opened
+  finally:
+    _opened = None
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -19,8 +19,7 @@ import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from jmmshap import builders
-from jmmshap import toyshop
+from jmmshap import builders, photo_hashes, preparation, toyshop
 
 # The shared catalogue lies beside the repository (../shared), in CI as here.
 FASHION_DIR = os.environ.get("JMMSHAP_FASHION_DIR", os.path.join(
@@ -596,3 +595,77 @@ def test_report_file_is_valid_json_next_to_the_data(tmp_path):
   builder = builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split"))
   with open(os.path.join(builder.data_dir, builders.REPORT_FILE)) as f:
     assert json.load(f)["examples"] == {"train": 8, "validation": 2, "test": 2}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Catalogues at scale: photos checked in worker processes, rows streamed shard by shard, a rerun
+# that reads nothing it read before.
+
+
+def _examples_in_order(builder) -> dict[str, list[tuple]]:
+  return {split: [(e["id"].decode(), e["title"].decode(), e["label"], e["image"].tobytes())
+                  for e in map(builder.as_data_source(split).__getitem__,
+                               range(len(builder.as_data_source(split))))]
+          for split in builders.SPLITS}
+
+
+def test_worker_processes_prepare_what_this_process_prepares_bad_rows_included(tmp_path):
+  case = _BadCase("dog4", "corrupt image", _IMAGE, folder_edit=_write_garbage_image)
+  folder = case.make(tmp_path / "shop")
+  prepared = {}
+  for workers in (0, 2):
+    config = _folder_config(folder, tmp_path / f"data{workers}", split_column="split",
+                            on_bad_row="skip", prepare_workers=workers)
+    builder = builders.prepare(config)
+    prepared[workers] = (_examples_in_order(builder), builders.read_report(builder))
+  assert prepared[2] == prepared[0]
+  examples, report = prepared[2]
+  assert report["bad_rows"]["validation"][0]["line"] == case.line
+  rows = [row for row in _base_rows() if row["id"] != "dog4"]
+  for split in builders.SPLITS:  # CSV order within each split.
+    assert [e[0] for e in examples[split]] == [r["id"] for r in rows if r["split"] == split]
+
+
+def test_a_bad_photo_found_by_a_worker_stops_preparation_and_leaves_nothing(tmp_path):
+  case = _BadCase("dog4", "corrupt image", _IMAGE, folder_edit=_truncate_image)
+  folder = case.make(tmp_path / "shop")
+  with pytest.raises(builders.BadRowError, match=f"line {case.line} .*corrupt image"):
+    builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split",
+                                    prepare_workers=2))
+  leftovers = [os.path.join(d, name) for d, _, names in os.walk(tmp_path / "data") for name in names
+               if "photo_hashes" not in d]
+  assert leftovers == []
+
+
+def test_rows_stream_into_shards_of_bounded_bytes(tmp_path, monkeypatch):
+  folder = _write_folder(tmp_path / "shop", _base_rows())
+  photo = os.path.getsize(os.path.join(folder, "images", "cat0.jpg"))
+  monkeypatch.setattr(preparation, "_SHARD_BYTES", 3 * photo)  # 3 photos a shard.
+  builder = builders.prepare(_folder_config(folder, tmp_path / "data", split_column="split"))
+  assert builder.info.splits["train"].shard_lengths == [3, 3, 2]
+  assert [e[0] for e in _examples_in_order(builder)["train"]] == [
+      row["id"] for row in _base_rows() if row["split"] == "train"]
+
+
+def test_an_unchanged_catalogue_is_not_read_again(tmp_path, monkeypatch, opened_files):
+  monkeypatch.setattr(photo_hashes, "RACY_WINDOW_NS", 0)  # Trust this test's fresh files.
+  folder = _write_folder(tmp_path / "shop", _base_rows())
+  config = _folder_config(folder, tmp_path / "data", split_column="split")
+  first = builders.prepare(config)
+  images = os.path.join(folder, "images")
+  assert any(path.startswith(images) for path in opened_files)
+  opened_files.clear()
+  assert builders.prepare(config).data_dir == first.data_dir
+  assert not [path for path in opened_files if path.startswith(images)]
+
+
+def test_a_main_job_reads_each_catalogue_once(tmp_path, opened_files):
+  folder = _write_folder(tmp_path / "shop", _base_rows())
+  config = _folder_config(folder, tmp_path / "data", split_column="split")
+  csv_path = os.path.join(folder, "products.csv")
+  opened_files.clear()
+  with builders.catalogues_read_once():
+    names = {builders.builder_for(config).info.full_name for _ in range(3)}
+  assert len(names) == 1 and opened_files.count(csv_path) == 2  # Parsed, then its sha256.
+  builders.builder_for(config)  # Outside a job, every call reads it again.
+  assert opened_files.count(csv_path) == 4
