@@ -383,7 +383,8 @@ def catalogues_read_once():
   """Within it (a main job), each product catalogue is read and its photos fingerprinted once,
   however many stages build its dataset config; outside, every call reads them anew."""
   global _configs_of_this_job
-  outer, _configs_of_this_job = _configs_of_this_job, _configs_of_this_job or {}
+  outer = _configs_of_this_job
+  _configs_of_this_job = {} if outer is None else outer  # A nested job shares the outer's.
   try:
     yield
   finally:

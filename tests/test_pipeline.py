@@ -1,15 +1,17 @@
 """The pipeline: every config checked before any work, the stage registry, and the main job that
 runs the missing stages, reuses the finished ones and reruns the stale ones."""
 
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 
+from PIL import Image
 import pytest
 
 from configs import clip_pretrain, common, image, meta, mmbt, mmshap, text
-from jmmshap import config_checks, pipeline, workdir
+from jmmshap import builders, config_checks, pipeline, workdir
 
 STAGE_CONFIGS = (text, image, clip_pretrain, mmbt, mmshap, meta)
 
@@ -249,3 +251,33 @@ def test_the_main_job_skips_an_optional_stage_that_no_stage_reads_after_override
   config.stages.mmbt.init_from_image = "workdir:image/export"
   assert pipeline.run_upstream(config, str(tmp_path)) == ["text", "image", "mmbt", "mmshap"]
   assert ran == ["text", "image", "mmbt", "mmshap"]
+
+
+def test_the_main_job_reads_its_catalogue_once_for_all_its_stages(tmp_path, monkeypatch,
+                                                                  opened_files):
+  """Every stage builds its dataset config (a product folder here); the job reads the CSV and
+  fingerprints the photos once (the stages are replaced by recorders that only do that)."""
+  folder = tmp_path / "shop"
+  os.makedirs(folder / "images")
+  with open(folder / "products.csv", "w") as f:
+    f.write("id,text,label,split\n")
+    for i, split in enumerate(["train", "train", "validation", "test"]):
+      f.write(f"p{i},a product,{'ab'[i % 2]},{split}\n")
+      Image.new("RGB", (4, 4)).save(folder / "images" / f"p{i}.jpg")
+  built = []
+  for name, stage in pipeline.REGISTRY.items():
+    record = lambda config, root, name=name: built.append(
+        (name, config.get("data", {}).get("name") and builders.builder_for(config.data).info.full_name))
+    monkeypatch.setitem(pipeline.REGISTRY, name, dataclasses.replace(stage, run=record))
+  monkeypatch.setattr(pipeline, "_reuse", lambda root, stage, config: False)
+  config = meta.get_config("taimd17k")
+  for stage_config in (config, *config.stages.values()):
+    stage_config.data.manual_dir = str(folder)  # (The mmshap stage reads the MMBT's data.)
+    stage_config.data.data_dir = str(tmp_path / "tfds")
+  opened_files.clear()
+  pipeline.run(config, str(tmp_path / "job"))
+  assert [name for name, _ in built] == ["text", "image", "mmbt", "mmshap", "meta"]
+  assert len({full_name for _, full_name in built if full_name}) == 1
+  photos = [path for path in opened_files if path.startswith(str(folder / "images"))]
+  assert opened_files.count(str(folder / "products.csv")) == 2  # Parsed, and its sha256.
+  assert sorted(photos) == sorted(str(folder / "images" / f"p{i}.jpg") for i in range(4))
