@@ -58,6 +58,7 @@ CLASSIFIER, TRAIN_LIB = ("tests/test_classifier.py",), ("tests/test_train_lib.py
 METRICS, INPUT = ("tests/test_metrics.py",), ("tests/test_input_pipeline.py",)
 # Test node ids, not whole files: the image options' tests train, so a mutant runs only its own.
 PHOTOS = ("tests/test_photos.py",)
+PHOTO_HASHES = ("tests/test_photo_hashes.py",)
 CROPS = PHOTOS
 FIRST_LOSS = ("tests/test_classifier.py::test_the_first_logged_loss_is_the_smoothed_loss_of_the_"
               "first_cropped_and_flipped_batch",)
@@ -402,6 +403,37 @@ MUTANTS = (
            "The main job pretrains clip_pretrain's tower although no stage reads it any more.",
            ("tests/test_pipeline.py::test_the_main_job_skips_an_optional_stage_that_no_stage_reads_"
             "after_overrides",)),
+    # Issue #28: a catalogue's photos hashed once, read once per main job, prepared in a stream.
+    Mutant("hash_cache_key_without_ctime", "jmmshap/photo_hashes.py",
+           "return (status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino, "
+           "status.st_dev)",
+           "return (status.st_size, status.st_mtime_ns, 0, status.st_ino, status.st_dev)",
+           "The cache trusts size and mtime: a same-size rewrite or a `cp -p` restore goes unseen.",
+           PHOTO_HASHES),
+    Mutant("hash_cache_trusts_racy_entries", "jmmshap/photo_hashes.py",
+           "  return max(mtime_ns, ctime_ns) < hashed_ns - RACY_WINDOW_NS",
+           "  return True",
+           "A photo changed in the clock tick of its hashing keeps its stale digest.", PHOTO_HASHES),
+    Mutant("hash_cache_never_consulted", "jmmshap/photo_hashes.py",
+           "        if entry is not None and tuple(entry[:5]) == key and _trusted(key, entry[5]):",
+           "        if False:",
+           "Every rerun reads every photo again (the cache is written, never read).",
+           PHOTO_HASHES + ("tests/test_builders.py::test_an_unchanged_catalogue_is_not_read_again",)),
+    Mutant("nested_job_forgets_the_catalogues_read", "jmmshap/builders.py",
+           "  _configs_of_this_job = {} if outer is None else outer",
+           "  _configs_of_this_job = outer or {}",
+           "A stage run inside the main job reads and fingerprints the catalogue again.",
+           ("tests/test_pipeline.py::test_the_main_job_reads_its_catalogue_once_for_all_its_stages",)),
+    Mutant("shards_ignore_their_byte_bound", "jmmshap/preparation.py",
+           "size + photo_bytes > _SHARD_BYTES or ", "",
+           "One shard holds a whole split: memory grows with the catalogue.",
+           ("tests/test_builders.py::test_rows_stream_into_shards_of_bounded_bytes",)),
+    Mutant("workers_answer_out_of_order", "jmmshap/preparation.py",
+           "        yield from pending.popleft().result()\n    while pending:",
+           "        yield from pending.pop().result()\n    while pending:",
+           "Photos checked by workers are paired with the wrong rows once the window is full.",
+           ("tests/test_builders.py::test_worker_processes_prepare_what_this_process_prepares_bad_"
+            "rows_included",)),
     # scripts/eval_options.py: the evaluation-only options measured on one finished run.
     Mutant("eval_options_ema_row_is_the_trained_params", "scripts/eval_options.py",
            "variants[\"ema\"] = train_lib.evaluated_model(state)",

@@ -609,9 +609,17 @@ def _examples_in_order(builder) -> dict[str, list[tuple]]:
           for split in builders.SPLITS}
 
 
-def test_worker_processes_prepare_what_this_process_prepares_bad_rows_included(tmp_path):
+def test_worker_processes_prepare_what_this_process_prepares_bad_rows_included(tmp_path,
+                                                                              monkeypatch):
   case = _BadCase("dog4", "corrupt image", _IMAGE, folder_edit=_write_garbage_image)
   folder = case.make(tmp_path / "shop")
+  for i, row in enumerate(_base_rows()):  # A photo of its own for every row, so none can swap.
+    if row["id"] != "dog4":
+      with open(os.path.join(folder, "images", f"{row['id']}.jpg"), "wb") as f:
+        f.write(_jpeg((20 * i, 0, 0)))
+  # One photo a task and two tasks in flight: the workers' answers queue up, as in a catalogue.
+  monkeypatch.setattr(preparation, "_PHOTOS_PER_TASK", 1)
+  monkeypatch.setattr(preparation, "_TASKS_IN_FLIGHT_PER_WORKER", 1)
   prepared = {}
   for workers in (0, 2):
     config = _folder_config(folder, tmp_path / f"data{workers}", split_column="split",
