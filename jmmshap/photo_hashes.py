@@ -67,6 +67,23 @@ def _trusted(key: Key, hashed_ns: int) -> bool:
   return max(mtime_ns, ctime_ns) < hashed_ns - RACY_WINDOW_NS
 
 
+def _cached(database: sqlite3.Connection, paths: Sequence[str]):
+  """(index in `paths`, key, hashed_ns, digest) of the paths with an entry: one ordered scan of the
+  paths' range of the table merged with the sorted paths (a query per path costs 10x more)."""
+  names = [os.fsencode(path) for path in paths]
+  order = sorted(range(len(paths)), key=names.__getitem__)
+  rows = database.execute(
+      "SELECT path, size, mtime_ns, ctime_ns, inode, device, hashed_ns, sha256 FROM photos "
+      "WHERE path BETWEEN ? AND ? ORDER BY path", (names[order[0]], names[order[-1]]))
+  position = 0
+  for path, *key, hashed_ns, sha256 in rows:
+    while position < len(order) and names[order[position]] < path:
+      position += 1
+    while position < len(order) and names[order[position]] == path:  # Each row naming it.
+      yield order[position], tuple(key), hashed_ns, sha256
+      position += 1
+
+
 @contextlib.contextmanager
 def _database(cache_path: str):
   os.makedirs(os.path.dirname(cache_path), exist_ok=True)
@@ -85,18 +102,12 @@ def digests(paths: Sequence[str], cache_path: str | None) -> list[str]:
   several threads and their entries written back. Without one (None), every file is read.
   """
   keys = [_key(path) for path in paths]
-  found: list[str | None] = [None] * len(paths)
-  if cache_path is not None:
+  found: list[str | None] = [MISSING if key is None else None for key in keys]
+  if cache_path is not None and paths:
     with _database(cache_path) as database:
-      for i, (path, key) in enumerate(zip(paths, keys)):
-        if key is None:
-          found[i] = MISSING
-          continue
-        entry = database.execute(
-            "SELECT size, mtime_ns, ctime_ns, inode, device, hashed_ns, sha256 FROM photos "
-            "WHERE path = ?", (os.fsencode(path),)).fetchone()
-        if entry is not None and tuple(entry[:5]) == key and _trusted(key, entry[5]):
-          found[i] = entry[6]
+      for i, key, hashed_ns, sha256 in _cached(database, paths):
+        if key == keys[i] and _trusted(key, hashed_ns):
+          found[i] = sha256
   todo = [i for i, digest in enumerate(found) if digest is None]
   if not todo:
     return found
