@@ -275,8 +275,8 @@ def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSour
     if result.player_names is not None:
       local["player_names"] = result.player_names
   logging.info("mmshap %s: process %d of %d explained %d of %d examples (%d groups) in %.1f s",
-               split, jax.process_index(), jax.process_count(), share, count, len(results),
-               time.perf_counter() - started)
+               split, jax.process_index(), jax.process_count(), len(local.get("positions", ())),
+               count, len(results), time.perf_counter() - started)
   parts = gather_processes(local)
   seconds = time.perf_counter() - started
   arrays = {**_split_order(parts), "class_names": np.asarray(class_names)}
