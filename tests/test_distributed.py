@@ -191,6 +191,10 @@ def test_each_process_takes_its_share_of_a_group_and_of_a_call(monkeypatch):
   assert default.chunk_size == mmshap.DEFAULT_CHUNK_ROWS["cpu"] // 2
 
 
+# Early stopping: the meta-models also predict their held-out rows during training.
+MAIN_JOB = {"meta.early_stopping": True}
+
+
 @pytest.fixture(scope="module")
 def main_jobs(tmp_path_factory, tiny):
   """(one process with 2 devices, 2 processes with 1 device each, the processes' logs) workdirs of
@@ -198,7 +202,7 @@ def main_jobs(tmp_path_factory, tiny):
   and run mmshap and meta themselves."""
   root = tmp_path_factory.mktemp("distributed_main_job")
   data_dir = str(root / "tfds")
-  config = tiny.pipeline(data_dir)
+  config = tiny.pipeline(data_dir, MAIN_JOB)
   single, multi = str(root / "single"), str(root / "multi")
   upstream = [name for name in pipeline.main_job_stages(config.stages) if name != mmshap_stage.STAGE]
   for name in upstream:
@@ -209,7 +213,7 @@ def main_jobs(tmp_path_factory, tiny):
   env = train_subprocess.cpu_env(device_count=1)
   logs = [str(root / f"main_job{index}.log") for index in range(2)]
   processes = [train_subprocess.start(
-      train_subprocess.train_command(multi, tiny.pipeline_overrides(data_dir),
+      train_subprocess.train_command(multi, tiny.pipeline_overrides(data_dir, MAIN_JOB),
                                      f"--coordinator_address={address}", "--num_processes=2",
                                      f"--process_id={index}", config="configs/meta.py"),
       env, logs[index]) for index in range(2)]
