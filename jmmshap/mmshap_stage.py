@@ -303,7 +303,8 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   Writes mmshap_{split}.npz (ids, labels, predictions, targets, t_shap, v_shap, phi,
   player_modality, player_names, exact, value_full, value_empty, num_evaluations, class_names),
   summary.json (per split: shares over the split and per true class, counts, exact counts,
-  timings; with toyshop data each class's designed text share) and, per split,
+  timings, the examples each process explained; with toyshop data each class's designed text
+  share) and, per split,
   t_shap_histogram_{split}.png and t_shap_per_class_{split}.png. Returns the summary.
   """
   mmbt_dir = workdir.stage_dir(root, classifier.MMBT.name)
