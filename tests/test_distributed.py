@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 
 import jax
 import numpy as np
@@ -224,8 +225,12 @@ def main_jobs(tmp_path_factory, tiny):
   return single, multi, logs
 
 
+def _shares_path(workdir: str, split: str) -> str:
+  return os.path.join(workdir, mmshap_stage.STAGE, f"mmshap_{split}.npz")
+
+
 def _shares(workdir: str, split: str) -> dict[str, np.ndarray]:
-  with np.load(os.path.join(workdir, mmshap_stage.STAGE, f"mmshap_{split}.npz")) as data:
+  with np.load(_shares_path(workdir, split)) as data:
     return {key: data[key] for key in data.files}
 
 
@@ -238,6 +243,11 @@ def test_two_processes_explain_every_example_as_one_process_does(main_jobs):
     for key in theirs:  # Every array identical, dtype included (in split order: ids first).
       assert ours[key].dtype == theirs[key].dtype, key
       np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    # The files, byte for byte, but for the time np.savez stamps on each zip entry.
+    with zipfile.ZipFile(_shares_path(multi, split)) as a, \
+        zipfile.ZipFile(_shares_path(single, split)) as b:
+      assert [(i.filename, a.read(i)) for i in a.infolist()] == \
+          [(i.filename, b.read(i)) for i in b.infolist()]
 
 
 def test_each_process_explains_half_of_each_split(main_jobs):
