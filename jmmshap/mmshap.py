@@ -163,7 +163,9 @@ def _put(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 
 def _to_host(array: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
+  """Every row of a call's values: gathered from every process when the explainer's mesh spans
+  several, read locally when it holds this process's devices only (the mmshap stage's)."""
+  if not array.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
   return np.asarray(array)
 

@@ -3,23 +3,32 @@
 The data, tokenizer and masking come from the MMBT saved in the workdir, so this stage's config says
 only how to explain (`mmshap.Options`), which examples, and where the data lives now. The meta stage
 reads the per-example shares it writes (`workdir.shares_file`).
+
+Several processes (`jax.distributed`) split the work by example: `examples_per_group` and
+`chunk_size` are global, as a training batch is, and each process explains its own rows of every
+group of examples (`input_pipeline.process_slice`) on its own devices, with no collective per
+forward call. The finished values are gathered once per split and put back in split order; process
+0 writes the files.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jmmshap import (builders, classifier, config_checks, games, input_pipeline, mmshap, plots,
-                     shapley, workdir)
+from jmmshap import (builders, classifier, config_checks, games, input_pipeline, mmshap, parallel,
+                     plots, shapley, workdir)
 
 STAGE = "mmshap"
 
@@ -105,18 +114,80 @@ def _targets(config: ml_collections.ConfigDict, labels: np.ndarray,
 def _groups(source: input_pipeline.RecordSource, count: int, size: int,
             preprocess: input_pipeline.Preprocessor,
             worker_count: int) -> Iterator[tuple[np.ndarray, dict]]:
-  """(split positions, batch with normalised photos) of each group of the first `count` examples;
-  every process reads every example (the explainer splits their coalitions over the devices)."""
+  """(split positions, batch with normalised photos) of this process's rows of each group of `size`
+  of the first `count` examples (`input_pipeline.process_slice`); a group past its last row is
+  skipped."""
   batches = input_pipeline.eval_loader(source, preprocess, global_batch_size=size, count=count,
-                                       worker_count=worker_count, per_process=False)
+                                       worker_count=worker_count)
   try:
     for batch in batches:
       index = batch.pop("index")
       del batch["mask"]
       real = index >= 0
-      yield index[real], preprocess.normalised({k: v[real] for k, v in batch.items()})
+      if real.any():
+        yield index[real], preprocess.normalised({k: v[real] for k, v in batch.items()})
   finally:
     batches.close()
+
+
+def process_share(count: int, group: int) -> int:
+  """How many of the first `count` examples this process explains in groups of `group`."""
+  rows = input_pipeline.process_slice(group)
+  within = np.arange(count) % group
+  return int(((within >= rows.start) & (within < rows.stop)).sum())
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """This process's devices alone: its examples are explained without waiting for the others."""
+  return jax.make_mesh((jax.local_device_count(),), (parallel.DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
+
+
+def process_options(options: mmshap.Options) -> mmshap.Options:
+  """One process's share of the global `examples_per_group` and `chunk_size` (rows per forward
+  call over every device; the backend's default when 0): per device the calls are those of one
+  process with every device."""
+  processes = jax.process_count()
+  if processes == 1:
+    return options
+  local = jax.local_device_count()
+  rows = options.chunk_size or mmshap.DEFAULT_CHUNK_ROWS.get(jax.local_devices()[0].platform,
+                                                             mmshap.ACCELERATOR_CHUNK_ROWS)
+  return dataclasses.replace(options, examples_per_group=options.examples_per_group // processes,
+                             chunk_size=max(local, rows // processes // local * local))
+
+
+def process_explainer(model: Any, options: mmshap.Options, *,
+                      tokenizer: Any = None) -> mmshap.Explainer:
+  """The explainer `explain_split` needs: this process's share of the options, on its devices."""
+  return mmshap.Explainer(model, process_options(options), mesh=local_mesh(), tokenizer=tokenizer)
+
+
+def gather_processes(arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Every process's arrays (any dtype, any shapes), in process order, on every process. They travel
+  as npz bytes, so floats arrive bit for bit (JAX without x64 would turn float64 into float32)."""
+  if jax.process_count() == 1:
+    return [dict(arrays)]
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  data = np.frombuffer(buffer.getvalue(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  parts = []
+  for row, size in zip(rows, sizes):
+    with np.load(io.BytesIO(row[:size].tobytes()), allow_pickle=False) as part:
+      parts.append({key: part[key] for key in part.files})
+  return parts
+
+
+def _split_order(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """The processes' examples as one set of arrays in split order (by `positions`)."""
+  parts = [part for part in parts if len(part.get("positions", ()))]
+  merged = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+  order = np.argsort(merged.pop("positions"), kind="stable")
+  return {key: value[order] for key, value in merged.items()}
 
 
 class CoalitionProgress:
@@ -163,38 +234,56 @@ def _duration(seconds: float) -> str:
 def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSource,
                   preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
                   class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
-  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings."""
+  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings.
+
+  With several processes, this process explains its rows of each group of `config.examples_per_group`
+  (the explainer holds its share of the options, `process_options`) and every process returns all
+  examples' arrays in split order.
+  """
+  if any(device.process_index != jax.process_index() for device in explainer.mesh.devices.flat):
+    raise ValueError("explain_split gives each process its own examples, but the explainer's mesh "
+                     "holds other processes' devices: build it with mmshap_stage.process_explainer.")
   count = len(source) if not config.max_examples else min(config.max_examples, len(source))
-  group = explainer.options.examples_per_group
-  results, labels, ids = [], [], []
-  progress = tqdm(total=count, desc=f"mmshap {split}", unit="ex", dynamic_ncols=True,
+  share = process_share(count, config.examples_per_group)
+  progress = tqdm(total=share, desc=f"mmshap {split}", unit="ex", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-  rates = CoalitionProgress(progress, count)
-  started, evaluations = time.perf_counter(), 0
+  rates = CoalitionProgress(progress, share)
+  started = time.perf_counter()
   workers = input_pipeline.worker_count(config.get("data") or {})
-  for indices, batch in _groups(source, count, group, preprocess, workers):
+  results, labels, ids, positions = [], [], [], []
+  for indices, batch in _groups(source, count, config.examples_per_group, preprocess, workers):
     rates.start_group(len(indices))
     result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
                                indices=indices, progress=progress, on_rows=rates)
     rates.end_group()
-    evaluations += int(result.num_evaluations.sum())
     results.append(result)
     labels.append(batch["label"])
     ids.append(batch["id"])
+    positions.append(indices)
   progress.close()
+  local = {}
+  if results:
+    result = mmshap.Result.concatenate(results)
+    local = {
+        "positions": np.concatenate(positions).astype(np.int64),
+        "ids": np.concatenate(ids).astype(str), "labels": np.concatenate(labels).astype(np.int32),
+        "predictions": result.predictions, "targets": result.targets, "t_shap": result.t_shap,
+        "v_shap": result.v_shap, "phi": result.phi, "player_modality": result.player_modality,
+        "exact": result.exact, "value_full": result.value_full, "value_empty": result.value_empty,
+        "num_evaluations": result.num_evaluations,
+    }
+    if result.player_names is not None:
+      local["player_names"] = result.player_names
+  logging.info("mmshap %s: process %d of %d explained %d of %d examples (%d groups) in %.1f s",
+               split, jax.process_index(), jax.process_count(), len(local.get("positions", ())),
+               count, len(results), time.perf_counter() - started)
+  parts = gather_processes(local)
   seconds = time.perf_counter() - started
-  result = mmshap.Result.concatenate(results)
-  arrays = {
-      "ids": np.concatenate(ids).astype(str), "labels": np.concatenate(labels).astype(np.int32),
-      "predictions": result.predictions, "targets": result.targets, "t_shap": result.t_shap,
-      "v_shap": result.v_shap, "phi": result.phi, "player_modality": result.player_modality,
-      "exact": result.exact, "value_full": result.value_full, "value_empty": result.value_empty,
-      "num_evaluations": result.num_evaluations, "class_names": np.asarray(class_names),
-  }
-  if result.player_names is not None:
-    arrays["player_names"] = result.player_names
+  arrays = {**_split_order(parts), "class_names": np.asarray(class_names)}
+  evaluations = int(arrays["num_evaluations"].sum())
   timing = {"seconds": seconds, "examples_per_s": count / seconds,
-            "coalitions_per_s": evaluations / seconds, "num_evaluations": evaluations}
+            "coalitions_per_s": evaluations / seconds, "num_evaluations": evaluations,
+            "examples_per_process": [len(part.get("positions", ())) for part in parts]}
   return arrays, timing
 
 
@@ -214,7 +303,8 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   Writes mmshap_{split}.npz (ids, labels, predictions, targets, t_shap, v_shap, phi,
   player_modality, player_names, exact, value_full, value_empty, num_evaluations, class_names),
   summary.json (per split: shares over the split and per true class, counts, exact counts,
-  timings; with toyshop data each class's designed text share) and, per split,
+  timings, the examples each process explained; with toyshop data each class's designed text
+  share) and, per split,
   t_shap_histogram_{split}.png and t_shap_per_class_{split}.png. Returns the summary.
   """
   mmbt_dir = workdir.stage_dir(root, classifier.MMBT.name)
@@ -226,7 +316,7 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   trained = classifier.load_trained(root, classifier.MMBT)
   model = games.with_masking(trained.model, config.get("text_masking"), config.get("image_masking"))
   options = options_from_config(config)
-  explainer = mmshap.Explainer(model, options, tokenizer=trained.tokenizer)
+  explainer = process_explainer(model, options, tokenizer=trained.tokenizer)
   builder = builders.prepare_in_process_order(data_config(config, trained.config))
   reliance = builders.class_reliance(builder)
   designed = None if reliance is None else {c["name"]: c["text_share"] for c in reliance}
@@ -266,4 +356,6 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   if workdir.is_writer():
     workdir.write_json(os.path.join(directory, workdir.SUMMARY), summary)
   workdir.write_fingerprint(root, STAGE, current)
+  if jax.process_count() > 1:  # No process reads the outputs (the meta stage) before they exist.
+    multihost_utils.sync_global_devices("jmmshap.mmshap_stage: outputs written")
   return summary

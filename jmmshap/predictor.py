@@ -295,7 +295,7 @@ class Predictor:
     # learner's.
     model = games.with_masking(nnx.merge(*nnx.split(mmbt.model)), mmshap_config.get("text_masking"),
                                mmshap_config.get("image_masking"))
-    explainer = mmshap.Explainer(model, options, tokenizer=mmbt.tokenizer)
+    explainer = mmshap_stage.process_explainer(model, options, tokenizer=mmbt.tokenizer)
     batch_sizes = {name: _device_multiple(batch_size or trained.config.get("eval_batch_size")
                                           or trained.config.batch_size)
                    for name, trained in learners.items()}

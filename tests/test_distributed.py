@@ -1,15 +1,19 @@
-"""Multi-process training: two CPU processes joined by `jax.distributed` over loopback (gloo
-collectives) train the text stage as one process with two devices does."""
+"""Several processes: two CPU processes joined by `jax.distributed` over loopback (gloo
+collectives) train the text stage, and run the main job's mmshap and meta stages, as one process
+with two devices does."""
 
 import json
 import os
+import re
+import shutil
+import zipfile
 
 import jax
 import numpy as np
 import pytest
 import train_subprocess
 
-from jmmshap import builders, input_pipeline, parallel, pipeline
+from jmmshap import builders, input_pipeline, mmshap, mmshap_stage, parallel, pipeline
 
 STEPS = {"total_steps": 4, "eval_every_steps": 4, "checkpoint_every_steps": 2, "log_every_steps": 2}
 
@@ -136,3 +140,140 @@ def test_explicit_flags_outside_a_cluster_must_be_complete(initialize_calls):
   assert parallel.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=1)
   assert initialize_calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2,
                                "process_id": 1, "local_device_ids": None}]
+
+
+# --------------------------------------------------------------------------------------------------
+# The main job's mmshap and meta stages.
+
+
+class _RowNumbers:
+  """What `mmshap_stage._groups` needs of a preprocessor, for records that hold their row number."""
+
+  def __call__(self, records):
+    return {"row": np.asarray([r["row"] for r in records])}
+
+  def normalised(self, batch):
+    return batch
+
+
+def _process_parts(monkeypatch, count: int) -> list[dict[str, np.ndarray]]:
+  """Each of 2 processes' (positions, rows) of the first `count` of 21 records, in groups of 8."""
+  source = [{"row": i} for i in range(21)]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  parts = []
+  for index in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    groups = list(mmshap_stage._groups(source, count, 8, _RowNumbers(), worker_count=0))
+    part = {"positions": np.concatenate([p for p, _ in groups]) if groups else np.zeros(0, int),
+            "rows": np.concatenate([b["row"] for _, b in groups]) if groups else np.zeros(0, int)}
+    assert len(part["positions"]) == mmshap_stage.process_share(count, 8)
+    parts.append(part)
+  return parts
+
+
+def test_processes_explain_disjoint_shares_that_merge_back_into_split_order(monkeypatch):
+  first, second = _process_parts(monkeypatch, 19)
+  np.testing.assert_array_equal(first["positions"], [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18])
+  np.testing.assert_array_equal(second["positions"], [4, 5, 6, 7, 12, 13, 14, 15])
+  for part in (first, second):
+    np.testing.assert_array_equal(part["rows"], part["positions"])
+  np.testing.assert_array_equal(mmshap_stage._split_order([second, first])["rows"], np.arange(19))
+  first, second = _process_parts(monkeypatch, 3)  # Process 1 has no row: it explains nothing.
+  assert len(second["positions"]) == 0
+  np.testing.assert_array_equal(mmshap_stage._split_order([first, second])["rows"], [0, 1, 2])
+
+
+def test_each_process_takes_its_share_of_a_group_and_of_a_call(monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert jax.local_device_count() == 2  # 4 devices in all.
+  given = mmshap_stage.process_options(mmshap.Options(examples_per_group=8, chunk_size=64))
+  assert (given.examples_per_group, given.chunk_size) == (4, 32)
+  default = mmshap_stage.process_options(mmshap.Options(examples_per_group=8))
+  assert default.chunk_size == mmshap.DEFAULT_CHUNK_ROWS["cpu"] // 2
+
+
+# Early stopping: the meta-models also predict their held-out rows during training.
+MAIN_JOB = {"meta.early_stopping": True}
+
+
+@pytest.fixture(scope="module")
+def main_jobs(tmp_path_factory, tiny):
+  """(one process with 2 devices, 2 processes with 1 device each, the processes' logs) workdirs of
+  the tiny main job. The upstream stages are trained once, here, and copied: both jobs reuse them
+  and run mmshap and meta themselves."""
+  root = tmp_path_factory.mktemp("distributed_main_job")
+  data_dir = str(root / "tfds")
+  config = tiny.pipeline(data_dir, MAIN_JOB)
+  single, multi = str(root / "single"), str(root / "multi")
+  upstream = [name for name in pipeline.main_job_stages(config.stages) if name != mmshap_stage.STAGE]
+  for name in upstream:
+    pipeline.run(config.stages[name], single)
+  for name in upstream:
+    shutil.copytree(os.path.join(single, name), os.path.join(multi, name))
+  address = f"127.0.0.1:{train_subprocess.free_port()}"
+  env = train_subprocess.cpu_env(device_count=1)
+  logs = [str(root / f"main_job{index}.log") for index in range(2)]
+  processes = [train_subprocess.start(
+      train_subprocess.train_command(multi, tiny.pipeline_overrides(data_dir, MAIN_JOB),
+                                     f"--coordinator_address={address}", "--num_processes=2",
+                                     f"--process_id={index}", config="configs/meta.py"),
+      env, logs[index]) for index in range(2)]
+  try:
+    pipeline.run(config, single)  # Here, while the two processes run.
+  finally:
+    train_subprocess.finish_all(processes)
+  return single, multi, logs
+
+
+def _shares_path(workdir: str, split: str) -> str:
+  return os.path.join(workdir, mmshap_stage.STAGE, f"mmshap_{split}.npz")
+
+
+def _shares(workdir: str, split: str) -> dict[str, np.ndarray]:
+  with np.load(_shares_path(workdir, split)) as data:
+    return {key: data[key] for key in data.files}
+
+
+def test_two_processes_explain_every_example_as_one_process_does(main_jobs):
+  single, multi, _ = main_jobs
+  for split in ("validation", "test"):
+    ours, theirs = _shares(multi, split), _shares(single, split)
+    assert sorted(ours) == sorted(theirs) and len(theirs["ids"]) == 24
+    np.testing.assert_allclose(ours["phi"], theirs["phi"], rtol=0, atol=1e-6)
+    for key in theirs:  # Every array identical, dtype included (in split order: ids first).
+      assert ours[key].dtype == theirs[key].dtype, key
+      np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    # The files, byte for byte, but for the time np.savez stamps on each zip entry.
+    with zipfile.ZipFile(_shares_path(multi, split)) as a, \
+        zipfile.ZipFile(_shares_path(single, split)) as b:
+      assert [(i.filename, a.read(i)) for i in a.infolist()] == \
+          [(i.filename, b.read(i)) for i in b.infolist()]
+
+
+def test_each_process_explains_half_of_each_split(main_jobs):
+  single, multi, logs = main_jobs
+  for index, log in enumerate(logs):
+    with open(log) as f:
+      said = re.findall(r"mmshap (\w+): process (\d) of 2 explained (\d+) of (\d+) examples", f.read())
+    assert sorted(said) == [("test", str(index), "12", "24"), ("validation", str(index), "12", "24")]
+  for workdir, shares in ((multi, [12, 12]), (single, [24])):
+    summary = json.load(open(os.path.join(workdir, mmshap_stage.STAGE, "summary.json")))
+    for split in ("validation", "test"):
+      assert summary["splits"][split]["examples_per_process"] == shares
+
+
+def test_meta_stage_on_two_processes_reports_as_one_process(main_jobs):
+  single, multi, _ = main_jobs
+  ours, theirs = (os.path.join(workdir, "meta") for workdir in (multi, single))
+  assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))  # No partial files either.
+  for name in ("metrics.json", "training.json", "report.md"):
+    with open(os.path.join(ours, name)) as a, open(os.path.join(theirs, name)) as b:
+      assert a.read() == b.read(), name
+  for method in ("stacked", "mmshap_dataset", "mmshap_sample"):
+    with open(os.path.join(ours, method, "log.jsonl")) as a, \
+        open(os.path.join(theirs, method, "log.jsonl")) as b:
+      assert a.read() == b.read(), method  # Logged once, by process 0: the same losses.
+  with np.load(os.path.join(ours, "predictions_test.npz")) as a, \
+      np.load(os.path.join(theirs, "predictions_test.npz")) as b:
+    for key in b.files:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
