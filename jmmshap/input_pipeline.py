@@ -272,8 +272,7 @@ def _allow_grain_flags() -> None:
 def loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch],
            order: Callable[[int], np.ndarray], *, global_batch_size: int, start: int, stop: int,
            worker_count: int = 0, transform: Callable[[Batch], Any] | None = None,
-           buffer_size: int = 2, per_process: bool = True,
-           read_threads: int | None = None) -> grain.DatasetIterator:
+           buffer_size: int = 2, read_threads: int | None = None) -> grain.DatasetIterator:
   """An iterator over batches start..stop-1 of `order` (this process's rows of each).
 
   `worker_count` processes read and decode batches in parallel (grain `mp_prefetch`, each worker
@@ -282,11 +281,9 @@ def loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch],
   (e.g. the copy to the devices) runs in a prefetch thread `buffer_size` batches ahead. So the
   batches in flight, and the memory they take, are bounded whatever the consumer's speed. The
   iterator is checkpointable (`get_state` / `set_state`); close it to stop its workers.
-  `per_process=False` gives every process whole batches (for work that each process splits
-  otherwise, as MM-SHAP does its coalitions).
   """
   _allow_grain_flags()
-  rows = process_slice(global_batch_size) if per_process else slice(None)
+  rows = process_slice(global_batch_size)
   dataset = grain.MapDataset.range(start, stop).map(LoadBatch(source, preprocess, order, rows))
   # grain's default reads 16 elements at once and up to 500 ahead: unbounded memory for batches of
   # photos. A worker process reads one batch at a time (its queue holds the next ones).
@@ -306,13 +303,12 @@ def loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch],
 def eval_loader(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,
                 global_batch_size: int, worker_count: int = 0, drop_remainder: bool = False,
                 transform: Callable[[Batch], Any] | None = None, count: int | None = None,
-                per_process: bool = True, read_threads: int | None = None
-                ) -> grain.DatasetIterator:
+                read_threads: int | None = None) -> grain.DatasetIterator:
   """Each of a split's first `count` examples (all: None) once, in order (see `SplitOrder`)."""
   order = SplitOrder(len(source) if count is None else count, global_batch_size, drop_remainder)
   return loader(source, preprocess, order, global_batch_size=global_batch_size, start=0,
                 stop=len(order), worker_count=worker_count, transform=transform,
-                per_process=per_process, read_threads=read_threads)
+                read_threads=read_threads)
 
 
 def eval_batches(source: RecordSource, preprocess: Callable[[Sequence[dict]], Batch], *,

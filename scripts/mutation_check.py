@@ -262,8 +262,8 @@ MUTANTS = (
            "                                                      prefetch_buffer_size=500))",
            "The reading threads run up to 500 batches ahead of a slow consumer.", INPUT),
     Mutant("workers_see_other_rows", "jmmshap/input_pipeline.py",
-           "  rows = process_slice(global_batch_size) if per_process else slice(None)",
-           "  rows = process_slice(global_batch_size) if per_process and not worker_count else slice(None)",
+           "  rows = process_slice(global_batch_size)\n",
+           "  rows = slice(None) if worker_count else process_slice(global_batch_size)\n",
            "With workers, every process reads whole batches instead of its block of rows.",
            ("tests/test_input_pipeline.py::test_worker_processes_give_the_batches_of_the_main_"
             "process",)),
