@@ -12,6 +12,7 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 
 # pylint: disable=wrong-import-position  (after the environment above)
 import importlib
+import shutil
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -98,6 +99,29 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny() -> type[Tiny]:
   return Tiny
+
+
+UPSTREAM_LEARNERS = ("text", "image", "mmbt")
+
+
+@pytest.fixture(scope="session")
+def tiny_learners(tmp_path_factory, tiny):
+  """copy(workdir): puts the tiny main job's learners (text, image, mmbt; trained once per session)
+  into a workdir, where the main job reuses them and runs only MM-SHAP and the meta stage. Returns
+  the data_dir they were trained on."""
+  root = tmp_path_factory.mktemp("tiny_learners")
+  data_dir = str(root / "tfds")
+  config = tiny.pipeline(data_dir)
+  trained = str(root / "workdir")
+  for name in UPSTREAM_LEARNERS:
+    pipeline.run(config.stages[name], trained)
+
+  def copy(workdir: str) -> str:
+    for name in UPSTREAM_LEARNERS:
+      shutil.copytree(os.path.join(trained, name), os.path.join(workdir, name))
+    return data_dir
+
+  return copy
 
 
 # The stronger image learner's options, all on: crops and flips, label smoothing, a moving average

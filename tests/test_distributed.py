@@ -5,7 +5,6 @@ with two devices does."""
 import json
 import os
 import re
-import shutil
 import zipfile
 
 import jax
@@ -197,19 +196,15 @@ MAIN_JOB = {"meta.early_stopping": True}
 
 
 @pytest.fixture(scope="module")
-def main_jobs(tmp_path_factory, tiny):
+def main_jobs(tmp_path_factory, tiny, tiny_learners):
   """(one process with 2 devices, 2 processes with 1 device each, the processes' logs) workdirs of
-  the tiny main job. The upstream stages are trained once, here, and copied: both jobs reuse them
-  and run mmshap and meta themselves."""
+  the tiny main job. The learners are the session's, copied: both jobs reuse them and run mmshap
+  and meta themselves."""
   root = tmp_path_factory.mktemp("distributed_main_job")
-  data_dir = str(root / "tfds")
-  config = tiny.pipeline(data_dir, MAIN_JOB)
   single, multi = str(root / "single"), str(root / "multi")
-  upstream = [name for name in pipeline.main_job_stages(config.stages) if name != mmshap_stage.STAGE]
-  for name in upstream:
-    pipeline.run(config.stages[name], single)
-  for name in upstream:
-    shutil.copytree(os.path.join(single, name), os.path.join(multi, name))
+  data_dir = tiny_learners(single)
+  tiny_learners(multi)
+  config = tiny.pipeline(data_dir, MAIN_JOB)
   address = f"127.0.0.1:{train_subprocess.free_port()}"
   env = train_subprocess.cpu_env(device_count=1)
   logs = [str(root / f"main_job{index}.log") for index in range(2)]
