@@ -105,7 +105,7 @@ def _targets(config: ml_collections.ConfigDict, labels: np.ndarray,
 def _groups(source: input_pipeline.RecordSource, count: int, size: int,
             preprocess: input_pipeline.Preprocessor,
             worker_count: int) -> Iterator[tuple[np.ndarray, dict]]:
-  """(split positions, batch with normalised photos) of each group of the first `count` examples;
+  """(source positions, batch with normalised photos) of each group of the first `count` examples;
   every process reads every example (the explainer splits their coalitions over the devices)."""
   batches = input_pipeline.eval_loader(source, preprocess, global_batch_size=size, count=count,
                                        worker_count=worker_count, per_process=False)
@@ -162,8 +162,14 @@ def _duration(seconds: float) -> str:
 
 def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSource,
                   preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
-                  class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
-  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings."""
+                  class_names: Sequence[str], split: str,
+                  first_index: int = 0) -> tuple[dict[str, np.ndarray], dict]:
+  """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings.
+
+  first_index: the split position of `source[0]` when `source` is a chunk of a longer input (the
+  predictor's): a sampled example's estimate is seeded by its position in the whole input, so it
+  does not depend on the chunking.
+  """
   count = len(source) if not config.max_examples else min(config.max_examples, len(source))
   group = explainer.options.examples_per_group
   results, labels, ids = [], [], []
@@ -175,7 +181,7 @@ def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSour
   for indices, batch in _groups(source, count, group, preprocess, workers):
     rates.start_group(len(indices))
     result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
-                               indices=indices, progress=progress, on_rows=rates)
+                               indices=indices + first_index, progress=progress, on_rows=rates)
     rates.end_group()
     evaluations += int(result.num_evaluations.sum())
     results.append(result)

@@ -7,15 +7,17 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 
 import jax
 import numpy as np
 import pytest
+import train_subprocess
 from PIL import Image
 
 from jmmshap import (builders, catalog, classifier, explanations, input_pipeline, pipeline,
-                     predictor, products, toyshop, workdir)
+                     predictor, products, stream_files, toyshop, workdir)
 
 TOLERANCE = 1e-6
 
@@ -371,3 +373,102 @@ def test_two_processes_each_read_their_rows_and_gather_them_in_input_order(loade
   first_half = {read.ids[i] for rows in batches for i in rows if i - rows.start < 4}
   assert set(seen[0]) <= first_half and set(seen[1]).isdisjoint(first_half - {read.ids[0]})
   assert set(seen[0]) | set(seen[1]) == set(read.ids)
+
+
+@pytest.fixture(scope="module")
+def labelled_split(job, tmp_path_factory):
+  """The workdir's test split as new products with their labels (24 products)."""
+  return _write_split(str(tmp_path_factory.mktemp("labelled_split")), job[1], labels=True)
+
+
+def _npz(path):
+  with np.load(path) as data:
+    return {key: data[key] for key in data.files}
+
+
+def _same_outputs(ours, theirs):
+  """predictions.csv byte for byte, mmshap.npz array for array, metrics.json value for value."""
+  for name in (workdir.PREDICTIONS, workdir.METRICS):
+    with open(os.path.join(ours, name), "rb") as a, open(os.path.join(theirs, name), "rb") as b:
+      assert a.read() == b.read(), name
+  ours_npz, theirs_npz = (_npz(os.path.join(folder, workdir.SHAPLEY_VALUES))
+                          for folder in (ours, theirs))
+  assert list(ours_npz) == list(theirs_npz)
+  for key, value in theirs_npz.items():
+    assert ours_npz[key].dtype == value.dtype and ours_npz[key].shape == value.shape, key
+    np.testing.assert_array_equal(ours_npz[key], value, err_msg=key)
+
+
+def test_chunks_write_what_one_pass_writes_and_cards_stop_at_max_cards(loaded, labelled_split,
+                                                                      tmp_path):
+  read = loaded.read(labelled_split, keep_photos=False)
+  assert len(read) == 24 and loaded.chunk_rows(8) == 16  # Chunks of 16 and 8 products.
+  whole, chunked = str(tmp_path / "whole"), str(tmp_path / "chunked")
+  predictor.predict_to_folder(loaded, read, whole, max_cards=20)
+  summary = predictor.predict_to_folder(loaded, read, chunked, max_cards=20, chunk_size=8)
+  assert summary["products"] == 24
+  _same_outputs(chunked, whole)
+  # mmshap.npz is what np.savez of the products' arrays, predicted in one call, holds.
+  in_memory = loaded.predict(loaded.read(labelled_split)).shapley
+  written = _npz(os.path.join(chunked, workdir.SHAPLEY_VALUES))
+  assert list(written) == list(in_memory)
+  for key, value in in_memory.items():
+    assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+  pngs = sorted(os.listdir(os.path.join(chunked, workdir.EXPLANATION_PNGS)))
+  assert len(pngs) == 20 and pngs[-1].startswith("00019-")  # Cards from both chunks, then none.
+  with open(os.path.join(chunked, workdir.EXPLANATIONS_HTML)) as f:
+    assert f.read().count('<section class="card"') == 20
+  assert not [name for name in os.listdir(chunked) if ".partial-" in name]
+
+
+def test_a_catalogue_is_held_a_chunk_of_photos_at_a_time(loaded, labelled_split, tmp_path,
+                                                         monkeypatch):
+  read = loaded.read(labelled_split, keep_photos=False)
+  assert all(isinstance(image, str) for image in read.images)  # Checked, then dropped.
+  records, rows_written = products.records, []
+  held = []  # Photos each call of the models had in memory.
+
+  def counted_records(chunk, class_names):
+    result = records(chunk, class_names)
+    held.append(sum(isinstance(r["image"], (bytes, np.ndarray)) for r in result))
+    return result
+
+  write = stream_files.CsvStream.write
+
+  def counted_write(stream, rows):
+    rows = list(rows)
+    rows_written.append(len(rows))
+    write(stream, rows)
+
+  monkeypatch.setattr(products, "records", counted_records)
+  monkeypatch.setattr(stream_files.CsvStream, "write", counted_write)
+  predictor.predict_to_folder(loaded, read, str(tmp_path), explain=False, chunk_size=8)
+  assert held == [16, 8] and rows_written == [16, 8]
+  with open(tmp_path / workdir.PREDICTIONS) as f:
+    assert [row["id"] for row in csv.DictReader(f)] == read.ids
+
+
+def test_predict_py_as_two_processes_writes_what_one_process_with_two_devices_writes(
+    loaded, labelled_split, tmp_path):
+  """predict.py in two CPU processes joined by `jax.distributed` over loopback (one device each),
+  run while this process (two devices) predicts the same products; chunks of 16 and 8."""
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  address = f"127.0.0.1:{train_subprocess.free_port()}"
+  env = train_subprocess.cpu_env(device_count=1)
+  processes = []
+  for index in range(2):
+    command = [sys.executable, os.path.join(train_subprocess.REPO, "predict.py"),
+               f"--workdir={loaded.root}", f"--input={labelled_split}", f"--output={multi}",
+               "--chunk_size=8", "--max_cards=2", f"--coordinator_address={address}",
+               "--num_processes=2", f"--process_id={index}"]
+    processes.append(train_subprocess.start(command, env, str(tmp_path / f"process{index}.log")))
+  try:
+    assert jax.device_count() == 2 and jax.process_count() == 1
+    predictor.predict_to_folder(loaded, loaded.read(labelled_split, keep_photos=False), single,
+                                max_cards=2, chunk_size=8)
+  finally:
+    train_subprocess.finish_all(processes)
+  _same_outputs(multi, single)
+  with open(os.path.join(multi, workdir.SUMMARY)) as f:
+    assert json.load(f)["processes"] == 2
