@@ -400,26 +400,32 @@ def _same_outputs(ours, theirs):
 
 
 def test_chunks_write_what_one_pass_writes_and_cards_stop_at_max_cards(loaded, labelled_split,
-                                                                      tmp_path):
+                                                                      tmp_path, monkeypatch):
+  # Every product's MM-SHAP sampled (KernelSHAP): its estimate is seeded by its position in the
+  # whole input, whichever chunk it falls in.
+  monkeypatch.setattr(loaded.explainer, "options",
+                      dataclasses.replace(loaded.explainer.options, method="kernel", budget=64))
+  one_pass = loaded.predict(labelled_split)  # In memory, in one piece, photos held.
+  assert not one_pass.shapley["exact"].any()
   read = loaded.read(labelled_split, keep_photos=False)
   assert len(read) == 24 and loaded.chunk_rows(8) == 16  # Chunks of 16 and 8 products.
-  whole, chunked = str(tmp_path / "whole"), str(tmp_path / "chunked")
-  predictor.predict_to_folder(loaded, read, whole, max_cards=20)
-  summary = predictor.predict_to_folder(loaded, read, chunked, max_cards=20, chunk_size=8)
+  summary = predictor.predict_to_folder(loaded, read, str(tmp_path), max_cards=20, chunk_size=8)
   assert summary["products"] == 24
-  _same_outputs(chunked, whole)
-  # mmshap.npz is what np.savez of the products' arrays, predicted in one call, holds.
-  in_memory = loaded.predict(loaded.read(labelled_split)).shapley
-  written = _npz(os.path.join(chunked, workdir.SHAPLEY_VALUES))
-  assert list(written) == list(in_memory)
-  for key, value in in_memory.items():
+  with open(tmp_path / workdir.PREDICTIONS, "rb") as f:
+    assert f.read() == one_pass.csv_text().encode()
+  with open(tmp_path / workdir.METRICS) as f:
+    assert json.load(f) == json.loads(json.dumps(one_pass.metrics()))
+  # mmshap.npz holds what np.savez of the whole arrays wrote.
+  written = _npz(tmp_path / workdir.SHAPLEY_VALUES)
+  assert list(written) == list(one_pass.shapley)
+  for key, value in one_pass.shapley.items():
     assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
     np.testing.assert_array_equal(written[key], value, err_msg=key)
-  pngs = sorted(os.listdir(os.path.join(chunked, workdir.EXPLANATION_PNGS)))
+  pngs = sorted(os.listdir(tmp_path / workdir.EXPLANATION_PNGS))
   assert len(pngs) == 20 and pngs[-1].startswith("00019-")  # Cards from both chunks, then none.
-  with open(os.path.join(chunked, workdir.EXPLANATIONS_HTML)) as f:
+  with open(tmp_path / workdir.EXPLANATIONS_HTML) as f:
     assert f.read().count('<section class="card"') == 20
-  assert not [name for name in os.listdir(chunked) if ".partial-" in name]
+  assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]
 
 
 def test_a_catalogue_is_held_a_chunk_of_photos_at_a_time(loaded, labelled_split, tmp_path,
@@ -447,6 +453,24 @@ def test_a_catalogue_is_held_a_chunk_of_photos_at_a_time(loaded, labelled_split,
   assert held == [16, 8] and rows_written == [16, 8]
   with open(tmp_path / workdir.PREDICTIONS) as f:
     assert [row["id"] for row in csv.DictReader(f)] == read.ids
+
+
+def test_a_run_that_fails_midway_leaves_no_half_output_file(loaded, labelled_split, tmp_path,
+                                                            monkeypatch):
+  read = loaded.read(labelled_split, keep_photos=False)
+  predict, calls = loaded.predict_products, []
+
+  def second_chunk_fails(chunk, **options):
+    calls.append(len(chunk))
+    if len(calls) == 2:
+      raise KeyboardInterrupt("stopped in the second chunk")
+    return predict(chunk, **options)
+
+  monkeypatch.setattr(loaded, "predict_products", second_chunk_fails)
+  with pytest.raises(KeyboardInterrupt):
+    predictor.predict_to_folder(loaded, read, str(tmp_path), chunk_size=8)
+  assert calls == [16, 8]
+  assert sorted(os.listdir(tmp_path)) == [workdir.BAD_ROWS]  # No half CSV or npz, no leftovers.
 
 
 def test_predict_py_as_two_processes_writes_what_one_process_with_two_devices_writes(
