@@ -13,6 +13,11 @@ to those of the data W was trained on (`--id_column`, `--title_column`, `--image
 method as the meta stage does. OUT gets predictions.csv, summary.json, bad_rows.json, and with
 MM-SHAP mmshap.npz, explanations.html and explanations/*.png (jmmshap/predictor.py).
 
+The products go through a chunk at a time (`--chunk_size`, rounded up to a multiple of the batch
+sizes): each chunk's photos are read, every model run on it, and its rows appended to the output
+files, so memory holds one chunk whatever the catalogue's size. The photos are checked (decoded)
+once before any model runs, without keeping them.
+
 Several processes (one per host) predict together with the launch flags of train.py (README,
 "Multi-host"): each reads its rows of every batch; process 0 writes the one output, in input order.
 """
@@ -50,6 +55,9 @@ _MAX_CARDS = flags.DEFINE_integer("max_cards", 200, "Products with an explanatio
                                   "(the first ones; 0: all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Products per forward call (0: each stage's "
                                    "eval_batch_size).")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", predictor_lib.DEFAULT_CHUNK_SIZE, "Products "
+                                   "per chunk (photos, arrays and MM-SHAP in memory at once); "
+                                   "rounded up to a multiple of the batch sizes.")
 _META_DIR = flags.DEFINE_string("meta_dir", "meta", "The main job's folder in the workdir (its "
                                 "--config.output_dir).")
 flags.mark_flags_as_required(["workdir", "output"])
@@ -74,10 +82,10 @@ def main(argv):
           predictor.columns, id=_ID_COLUMN.value, title=_TITLE_COLUMN.value,
           label=_LABEL_COLUMN.value, image=_IMAGE_COLUMN.value)
       source = predictor.read(_INPUT.value, columns=columns, image_dir=_IMAGE_DIR.value,
-                              on_bad_row=_ON_BAD_ROW.value)
+                              on_bad_row=_ON_BAD_ROW.value, keep_photos=False)
     predictor_lib.predict_to_folder(predictor, source, _OUTPUT.value, explain=not _NO_EXPLAIN.value,
                                     method=_METHOD.value, top_k=_TOP_K.value,
-                                    max_cards=_MAX_CARDS.value)
+                                    max_cards=_MAX_CARDS.value, chunk_size=_CHUNK_SIZE.value)
   finally:
     parallel.release_devices()
 

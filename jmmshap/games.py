@@ -170,7 +170,7 @@ class EmbeddingGame(Game):
       features = _image_program(self.graphdef, self.treedef)(leaves,
                                                              put_rows(group.pop("pixel_values")))
       group["image_features"] = features
-    count = np.asarray(group["image_features"]).shape[1]
+    count = np.shape(group["image_features"])[1]  # A global array when several processes run.
     if count != self.num_images:
       raise ValueError(f"image_features has {count} embeddings per example, the model "
                        f"{self.num_images}.")

@@ -233,12 +233,15 @@ def _duration(seconds: float) -> str:
 
 def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSource,
                   preprocess: input_pipeline.Preprocessor, *, config: ml_collections.ConfigDict,
-                  class_names: Sequence[str], split: str) -> tuple[dict[str, np.ndarray], dict]:
+                  class_names: Sequence[str], split: str,
+                  first_index: int = 0) -> tuple[dict[str, np.ndarray], dict]:
   """MM-SHAP of a split's first `max_examples` examples (all with 0): npz arrays and timings.
 
   With several processes, this process explains its rows of each group of `config.examples_per_group`
   (the explainer holds its share of the options, `process_options`) and every process returns all
-  examples' arrays in split order.
+  examples' arrays in split order. first_index: the split position of `source[0]` when `source` is a
+  chunk of a longer input (the predictor's): a sampled example's estimate is seeded by its position
+  in the whole input, so it does not depend on the chunking.
   """
   if any(device.process_index != jax.process_index() for device in explainer.mesh.devices.flat):
     raise ValueError("explain_split gives each process its own examples, but the explainer's mesh "
@@ -254,7 +257,7 @@ def explain_split(explainer: mmshap.Explainer, source: input_pipeline.RecordSour
   for indices, batch in _groups(source, count, config.examples_per_group, preprocess, workers):
     rates.start_group(len(indices))
     result = explainer.explain(batch, targets=_targets(config, batch["label"], class_names),
-                               indices=indices, progress=progress, on_rows=rates)
+                               indices=indices + first_index, progress=progress, on_rows=rates)
     rates.end_group()
     results.append(result)
     labels.append(batch["label"])

@@ -19,6 +19,11 @@ products, gets the probabilities the meta stage reported for it (tests/test_pred
 
 The ensemble's class (`Predictions.method`, 'auto'): mmshap_sample when the products were
 explained, else mmshap_dataset, else stacked, of those the workdir trained.
+
+`predict_to_folder` (predict.py) goes through a catalogue a chunk of products at a time (photos
+read for the chunk, every model run on it, its rows appended to the output files: `OutputFolder`),
+so memory holds one chunk whatever the product count; a chunk is a multiple of every batch, so the
+numbers are those of one pass over all products.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from flax import nnx
 
 from jmmshap import (classifier, ensemble, explanations, games, input_pipeline, learner_outputs,
                      meta, metrics, mmshap, mmshap_stage, pipeline, players, products as products_lib,
-                     weighting, workdir)
+                     stream_files, weighting, workdir)
 from jmmshap.models import clip_vision, mmbt as mmbt_lib
 from jmmshap.products import Columns, Products
 
@@ -51,6 +56,8 @@ LEARNERS = learner_outputs.LEARNERS
 AUTO = "auto"
 ENSEMBLE_PREFERENCE = ("mmshap_sample", "mmshap_dataset", "stacked")
 PRODUCTS_SPLIT = "products"  # How new products are named in progress bars and messages.
+DEFAULT_CHUNK_SIZE = 4096  # Products per chunk of `predict_to_folder` (predict.py --chunk_size).
+CONSTANT_ARRAYS = ("class_names",)  # mmshap.npz arrays that are not one row per product.
 
 
 class WorkdirNotReady(RuntimeError):
@@ -225,10 +232,14 @@ class Predictions:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
-    for row in rows:
-      writer.writerow(["" if cell is None else f"{cell:.9g}" if isinstance(cell, float)
-                       else cell for cell in row])
+    writer.writerows(csv_cells(row) for row in rows)
     return buffer.getvalue()
+
+
+def csv_cells(row: list[Any]) -> list[Any]:
+  """A `Predictions.table` row as predictions.csv spells it (floats to 9 digits, None empty)."""
+  return ["" if cell is None else f"{cell:.9g}" if isinstance(cell, float) else cell
+          for cell in row]
 
 
 class Predictor:
@@ -316,9 +327,10 @@ class Predictor:
   # Reading products.
 
   def read(self, source: Any, *, columns: Columns | None = None, image_dir: str | None = None,
-           on_bad_row: str = "error") -> Products:
+           on_bad_row: str = "error", keep_photos: bool = True) -> Products:
     """Products from a CSV path, an input folder (its CSV and image folder), or rows in memory;
-    columns default to those of the data the workdir was trained on."""
+    columns default to those of the data the workdir was trained on. keep_photos=False (a CSV):
+    each photo is checked and dropped, and read again when its products are predicted."""
     columns = columns or self.columns
     if isinstance(source, Products):
       return source
@@ -328,7 +340,7 @@ class Predictor:
         image_dir = image_dir or os.path.join(path, columns.image_dir)
         path = os.path.join(path, columns.csv)
       return products_lib.read_csv(path, self.class_names, columns=columns, image_dir=image_dir,
-                                   on_bad_row=on_bad_row)
+                                   on_bad_row=on_bad_row, keep_photos=keep_photos)
     return products_lib.from_rows(source, self.class_names, columns=columns, image_dir=image_dir,
                                   on_bad_row=on_bad_row)
 
@@ -355,6 +367,10 @@ class Predictor:
     the module docstring).
     """
     products = self.read(source, columns=columns, image_dir=image_dir, on_bad_row=on_bad_row)
+    return self.predict_products(products, explain=explain, method=method)
+
+  def check_products(self, products: Products, explain: bool) -> None:
+    """Products the predictor can classify (and explain), before any model runs."""
     if not len(products):
       raise ValueError(f"no products to classify: all {len(products.bad_rows)} rows of "
                        f"{products.source} are bad (listed in bad_rows.json).")
@@ -362,6 +378,19 @@ class Predictor:
       raise ValueError("the mmshap stage explained each example's label (target='label'), and these "
                        "products have none: give labels, or classify without MM-SHAP "
                        "(explain=False, --no_explain), which uses dataset weighting only.")
+
+  def chunk_rows(self, chunk_size: int) -> int:
+    """`chunk_size` rounded up to a multiple of every learner's batch and of MM-SHAP's group of
+    examples: a chunk's batches and groups are those of one pass over all products, so the
+    chunking changes no number."""
+    multiple = math.lcm(*self.batch_sizes.values(), self.explainer.options.examples_per_group)
+    return -(-max(chunk_size, 1) // multiple) * multiple
+
+  def predict_products(self, products: Products, *, explain: bool, method: str,
+                       first_index: int = 0) -> Predictions:
+    """`predict` of products read; `first_index`: the position of products[0] in the whole input
+    (a chunk's), which seeds the MM-SHAP estimates of its products as in one pass."""
+    self.check_products(products, explain)
     records = products_lib.records(products, self.class_names)
     timings: dict[str, float] = {}
     logits = {}
@@ -376,7 +405,7 @@ class Predictor:
       started = time.perf_counter()
       shapley, _ = mmshap_stage.explain_split(
           self.explainer, records, self.learners["mmbt"].preprocess, config=self.mmshap_config,
-          class_names=self.class_names, split=PRODUCTS_SPLIT)
+          class_names=self.class_names, split=PRODUCTS_SPLIT, first_index=first_index)
       self._check_ids(shapley["ids"], products, "MM-SHAP")
       timings["mmshap_s"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -409,7 +438,7 @@ class Predictor:
   # ------------------------------------------------------------------------------------------------
   # Explanations and outputs.
 
-  def _image_players_text(self) -> str:
+  def image_players_text(self) -> str:
     options = self.explainer.options
     if options.image_players == "patches":
       grid = f"{options.patch_grid}x{options.patch_grid}" if options.patch_grid else "the authors'"
@@ -440,7 +469,8 @@ class Predictor:
       votes = [(method, names[p[row].argmax()], float(p[row].max()))
                for method, p in predictions.probabilities.items()]
       cards.append(explanations.Card(
-          id=products.ids[row], photo=input_pipeline.decode_image(products.images[row]),
+          id=products.ids[row],
+          photo=input_pipeline.decode_image(products_lib.photo(products, row)),
           segments=title_segments(self.learners["mmbt"].tokenizer, products.titles[row],
                                   self.explainer.options, text_values),
           regions=regions, t_shap=t_shap, v_shap=v_shap, explained=described,
@@ -451,19 +481,23 @@ class Predictor:
 
   def summary(self, predictions: Predictions) -> dict[str, Any]:
     """summary.json: what was predicted, with what, and how fast."""
-    total = sum(predictions.timings.values())
+    return self.summary_record(predictions.products, len(predictions.products),
+                               predictions.method, list(predictions.probabilities),
+                               predictions.shapley is not None, predictions.timings)
+
+  def summary_record(self, products: Products, count: int, method: str, methods: list[str],
+                     explained: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """summary.json of `count` of `products` predicted (a stream's)."""
+    total = sum(timings.values())
     options = dataclasses.asdict(self.explainer.options)
-    return {"workdir": os.path.abspath(self.root), "source": predictions.products.source,
-            "products": len(predictions.products),
-            "skipped": len(predictions.products.bad_rows), "method": predictions.method,
-            "methods": list(predictions.probabilities), "class_names": list(self.class_names),
-            "explained": predictions.shapley is not None,
+    return {"workdir": os.path.abspath(self.root), "source": products.source, "products": count,
+            "skipped": len(products.bad_rows), "method": method, "methods": methods,
+            "class_names": list(self.class_names), "explained": explained,
             "mmshap": {**options, "target": self.mmshap_config.target,
                        "text_masking": self.explainer_masking[0],
                        "image_masking": self.explainer_masking[1]},
             "devices": jax.device_count(), "processes": jax.process_count(),
-            "timings": {**predictions.timings, "total_s": total,
-                        "products_per_s": len(predictions.products) / max(total, 1e-9)}}
+            "timings": {**timings, "total_s": total, "products_per_s": count / max(total, 1e-9)}}
 
   @property
   def explainer_masking(self) -> tuple[str, str]:
@@ -473,52 +507,141 @@ class Predictor:
 
   def write(self, predictions: Predictions, output: str, *, top_k: int = 3,
             max_cards: int = 200) -> dict[str, Any]:
-    """The output folder (process 0 writes; `workdir` names the files): predictions.csv,
-    summary.json, bad_rows.json, metrics.json (with labels), and with MM-SHAP mmshap.npz,
-    explanations.html and explanations/<row>-<id>.png for the first `max_cards` (0: all)."""
-    summary = self.summary(predictions)
-    if not workdir.is_writer():
-      return summary
+    """The output folder of predictions in memory (as `predict_to_folder` writes it; process 0
+    writes): predictions.csv, summary.json, bad_rows.json, metrics.json (with labels), and with
+    MM-SHAP mmshap.npz, explanations.html and explanations/<row>-<id>.png for the first
+    `max_cards` (0: all)."""
     write_bad_rows(predictions.products, output)
-    workdir.write_text(os.path.join(output, workdir.PREDICTIONS), predictions.csv_text(top_k))
-    scores = predictions.metrics()
-    if scores is not None:
-      workdir.write_json(os.path.join(output, workdir.METRICS), scores)
+    with OutputFolder(self, output, predictions.products, top_k=top_k,
+                      max_cards=max_cards) as folder:
+      folder.append(predictions)
+    return folder.summary
+
+
+class OutputFolder:
+  """predict.py's output folder, written as chunks of predictions arrive, in input order:
+  predictions.csv rows appended, mmshap.npz arrays grown (`stream_files`), the first `max_cards`
+  explanation cards kept, and for metrics.json each product's label and every method's predicted
+  class (small integers). Process 0 writes; every file appears whole when the `with` block ends
+  without an error, and none of the streamed ones otherwise.
+  """
+
+  def __init__(self, predictor: Predictor, output: str, products: Products, *, top_k: int = 3,
+               max_cards: int = 200):
+    """products: all of them (their source and bad rows go into summary.json)."""
+    self.predictor, self.output, self.products = predictor, output, products
+    self.top_k, self.max_cards = top_k, max_cards
+    self.writer = workdir.is_writer()
+    self.count = 0
+    self.method: str | None = None
+    self.methods: list[str] = []
+    self.explained = False
+    self.timings: dict[str, float] = {}
+    self.labels: list[np.ndarray] = []
+    self.classes: dict[str, list[np.ndarray]] = {}
+    self.cards: list[explanations.Card] = []
+    self.table: stream_files.CsvStream | None = None
+    self.shapley: stream_files.NpzStream | None = None
+    self.summary: dict[str, Any] | None = None
+
+  def __enter__(self) -> OutputFolder:
+    if self.writer:
+      os.makedirs(self.output, exist_ok=True)
+    return self
+
+  def append(self, predictions: Predictions) -> None:
+    """The predictions of the next products (a chunk, in input order)."""
+    if self.method is None:
+      self.method, self.methods = predictions.method, list(predictions.probabilities)
+      self.explained = predictions.shapley is not None
+    for name, seconds in predictions.timings.items():
+      self.timings[name] = self.timings.get(name, 0.0) + seconds
+    if predictions.labels is not None:
+      self.labels.append(predictions.labels)
+      for method, probabilities in predictions.probabilities.items():
+        self.classes.setdefault(method, []).append(probabilities.argmax(-1).astype(np.int32))
+    self.count += len(predictions.products)
+    if not self.writer:
+      return
+    header, rows = predictions.table(self.top_k)
+    if self.table is None:
+      self.table = stream_files.CsvStream(os.path.join(self.output, workdir.PREDICTIONS), header)
+    self.table.write(csv_cells(row) for row in rows)
     if predictions.shapley is not None:
+      if self.shapley is None:
+        self.shapley = stream_files.NpzStream(os.path.join(self.output, workdir.SHAPLEY_VALUES),
+                                              constant=CONSTANT_ARRAYS)
+      self.shapley.append(predictions.shapley)
+      wanted = (self.max_cards or self.count) - len(self.cards)
+      if wanted > 0:
+        self.cards += self.predictor.cards(predictions, top_k=self.top_k, limit=wanted)
+
+  def metrics(self) -> dict[str, Any] | None:
+    """metrics.json (`Predictions.metrics` of all the products appended)."""
+    if not self.labels:
+      return None
+    labels = np.concatenate(self.labels)
+    return {"methods": {method: metrics.classification_metrics(
+        labels, np.concatenate(classes), len(self.predictor.class_names))
+                        for method, classes in self.classes.items()}}
+
+  def __exit__(self, error_type, error, traceback) -> None:
+    if error_type is not None:
+      for stream in (self.table, self.shapley):
+        if stream is not None:
+          stream.abort()
+      return
+    self.summary = self.predictor.summary_record(self.products, self.count, self.method,
+                                                 self.methods, self.explained, self.timings)
+    if not self.writer:
+      return
+    self.table.close()
+    scores = self.metrics()
+    if scores is not None:
+      workdir.write_json(os.path.join(self.output, workdir.METRICS), scores)
+    if self.shapley is not None:
       started = time.perf_counter()
-      arrays = predictions.shapley
-      workdir.write_atomically(os.path.join(output, workdir.SHAPLEY_VALUES),
-                               lambda partial: np.savez(partial, **arrays))
-      cards = self.cards(predictions, top_k=top_k, limit=max_cards)
-      shown = (f"{len(cards)} of {len(predictions.products)} products (predict.py --max_cards)"
-               if len(cards) < len(predictions.products) else f"{len(cards)} products")
-      notes = [f"Workdir {os.path.abspath(self.root)}; {shown}; ensemble method "
-               f"{predictions.method}. MM-SHAP players: the title's words (at most "
-               f"{self.explainer.options.max_text_players or 'all'}; trailing words merged into the "
-               f"last) and {self._image_players_text()}."]
-      workdir.write_text(os.path.join(output, workdir.EXPLANATIONS_HTML),
-                         explanations.page(cards, "MM-SHAP explanations", notes))
-      folder = os.path.join(output, workdir.EXPLANATION_PNGS)
-      os.makedirs(folder, exist_ok=True)
-      for row, card in enumerate(cards):
-        name = f"{row:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', card.id)[:60]}.png"
-        workdir.write_bytes(os.path.join(folder, name), card.png())
-      summary["timings"]["explanations_s"] = time.perf_counter() - started
-    workdir.write_json(os.path.join(output, workdir.SUMMARY), summary)
-    logging.info("predictor: %d products -> %s (%s)", len(predictions.products), output,
-                 json.dumps(summary["timings"]))
-    return summary
+      self.shapley.close()
+      self._write_cards()
+      self.summary["timings"]["explanations_s"] = time.perf_counter() - started
+    workdir.write_json(os.path.join(self.output, workdir.SUMMARY), self.summary)
+    logging.info("predictor: %d products -> %s (%s)", self.count, self.output,
+                 json.dumps(self.summary["timings"]))
+
+  def _write_cards(self) -> None:
+    predictor, cards = self.predictor, self.cards
+    shown = (f"{len(cards)} of {self.count} products (predict.py --max_cards)"
+             if len(cards) < self.count else f"{len(cards)} products")
+    notes = [f"Workdir {os.path.abspath(predictor.root)}; {shown}; ensemble method {self.method}. "
+             f"MM-SHAP players: the title's words (at most "
+             f"{predictor.explainer.options.max_text_players or 'all'}; trailing words merged into "
+             f"the last) and {predictor.image_players_text()}."]
+    workdir.write_text(os.path.join(self.output, workdir.EXPLANATIONS_HTML),
+                       explanations.page(cards, "MM-SHAP explanations", notes))
+    folder = os.path.join(self.output, workdir.EXPLANATION_PNGS)
+    os.makedirs(folder, exist_ok=True)
+    for row, card in enumerate(cards):
+      name = f"{row:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', card.id)[:60]}.png"
+      workdir.write_bytes(os.path.join(folder, name), card.png())
 
 
 def predict_to_folder(predictor: Predictor, products: Products, output: str, *,
                       explain: bool = True, method: str = AUTO, top_k: int = 3,
-                      max_cards: int = 200) -> Predictions:
-  """What predict.py does with products read: classify (and explain) them, write the output
-  folder. bad_rows.json comes first, so that input whose every row was skipped still lists why."""
+                      max_cards: int = 200, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, Any]:
+  """What predict.py does with products read: classify (and explain) them a chunk at a time
+  (`chunk_size` products, rounded up by `Predictor.chunk_rows`), writing the output folder as they
+  go; returns summary.json's record. Products read with `keep_photos=False` have their photos read
+  per chunk, so memory holds one chunk of photos and arrays whatever the product count.
+  bad_rows.json comes first, so that input whose every row was skipped still lists why."""
   write_bad_rows(products, output)
-  predictions = predictor.predict(products, explain=explain, method=method)
-  predictor.write(predictions, output, top_k=top_k, max_cards=max_cards)
-  return predictions
+  predictor.check_products(products, explain)
+  rows = predictor.chunk_rows(chunk_size)
+  with OutputFolder(predictor, output, products, top_k=top_k, max_cards=max_cards) as folder:
+    for start in range(0, len(products), rows):
+      chunk = products_lib.subset(products, range(start, min(start + rows, len(products))))
+      folder.append(predictor.predict_products(chunk, explain=explain, method=method,
+                                               first_index=start))
+  return folder.summary
 
 
 def write_bad_rows(products: Products, output: str) -> None:

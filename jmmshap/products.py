@@ -8,6 +8,9 @@ dict) get the same checks. Every photo is decoded here, so a missing or corrupt 
 any model runs. A bad row (missing or corrupt photo, empty title, empty or duplicate id, a label the
 workdir was not trained on) is an error naming it, or with `on_bad_row='skip'` it is set apart,
 counted and listed (`Products.bad_rows`); the good rows keep their input order and their ids.
+
+A catalogue too large to hold its photos is read with `keep_photos=False`: each photo is checked,
+then dropped, and `records` reads it again for the chunk of products that needs it.
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ class Products:
   """Checked products in input order; bad rows set apart (with on_bad_row='skip')."""
   ids: list[str]
   titles: list[str]
-  images: list[bytes | np.ndarray]  # Encoded RGB JPEG/PNG bytes, or uint8 (H, W, 3).
+  # Encoded RGB JPEG/PNG bytes, or uint8 (H, W, 3); or the checked photo's path (str), read when
+  # needed (`read_csv(keep_photos=False)`, `load_photo`).
+  images: list[bytes | np.ndarray | str]
   labels: list[str] | None  # None: the input has no labels.
   lines: list[int]  # The CSV line (or 1-based row number) of each product.
   source: str  # The CSV read, or SOURCE_ROWS.
@@ -110,11 +115,13 @@ def _label_problem(label: str | None, class_names: Sequence[str]) -> str | None:
 
 
 def read_csv(csv_path: str, class_names: Sequence[str], *, columns: Columns = Columns(),
-             image_dir: str | None = None, on_bad_row: str = "error") -> Products:
+             image_dir: str | None = None, on_bad_row: str = "error",
+             keep_photos: bool = True) -> Products:
   """New products from a CSV; photos in `image_dir` (default: `columns.image_dir` beside the CSV).
 
   Labels are read when the CSV has `columns.label`; a CSV without an id or title column, or
-  without the named image column, is an error naming the columns it has.
+  without the named image column, is an error naming the columns it has. keep_photos=False: every
+  photo is decoded (checked) and dropped; `Products.images` holds the paths.
   """
   if image_dir is None:
     image_dir = os.path.join(os.path.dirname(os.path.abspath(csv_path)), columns.image_dir)
@@ -133,7 +140,8 @@ def read_csv(csv_path: str, class_names: Sequence[str], *, columns: Columns = Co
     if problem is not None:
       products.bad_rows.append(catalog.BadRow(NO_SPLIT, row.line, row.id, file, problem))
       continue
-    _append(products, row.line, row.id, row.title, data, row.label)
+    _append(products, row.line, row.id, row.title, data if keep_photos else row.image_path,
+            row.label)
   return _apply_policy(products)
 
 
@@ -245,15 +253,34 @@ def single(title: str, image: Any, class_names: Sequence[str], *, product_id: st
   return from_rows([row], class_names, columns=Columns())
 
 
+def load_photo(image: bytes | np.ndarray | str) -> bytes | np.ndarray:
+  """A product's photo: as held, or read from its path (the bytes `read_csv` checked)."""
+  if isinstance(image, str):
+    return catalog.encoded_rgb_image(image)[0]
+  return image
+
+
+def photo(products: Products, row: int) -> bytes | np.ndarray:
+  """`load_photo` of a product; a photo that went bad since it was checked names its row."""
+  try:
+    return load_photo(products.images[row])
+  except catalog.ImageProblem as error:
+    bad = catalog.BadRow(NO_SPLIT, products.lines[row], products.ids[row], products.images[row],
+                         error.reason)
+    raise catalog.BadRowError(f"Bad row in {products.describe(bad)}: the photo was good when the "
+                              "products were read and changed since. Fix it and run again."
+                              ) from None
+
+
 def records(products: Products, class_names: Sequence[str]) -> list[dict[str, Any]]:
   """The products as the stages' records (id, title, image, label index; -1 without a label), a
-  random-access source for `input_pipeline` batches."""
+  random-access source for `input_pipeline` batches; photos held as paths are read here."""
   index = {name: i for i, name in enumerate(class_names)}
   labels = products.labels if products.labels is not None else [None] * len(products)
-  return [{"id": product_id, "title": title, "image": image,
+  rows = enumerate(zip(products.ids, products.titles, labels, strict=True))
+  return [{"id": product_id, "title": title, "image": photo(products, row),
            "label": -1 if label is None else index[label]}
-          for product_id, title, image, label in zip(products.ids, products.titles,
-                                                     products.images, labels, strict=True)]
+          for row, (product_id, title, label) in rows]
 
 
 def subset(products: Products, rows: Iterable[int]) -> Products:

@@ -7,15 +7,17 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 
 import jax
 import numpy as np
 import pytest
+import train_subprocess
 from PIL import Image
 
 from jmmshap import (builders, catalog, classifier, explanations, input_pipeline, pipeline,
-                     predictor, products, toyshop, workdir)
+                     predictor, products, stream_files, toyshop, workdir)
 
 TOLERANCE = 1e-6
 
@@ -371,3 +373,126 @@ def test_two_processes_each_read_their_rows_and_gather_them_in_input_order(loade
   first_half = {read.ids[i] for rows in batches for i in rows if i - rows.start < 4}
   assert set(seen[0]) <= first_half and set(seen[1]).isdisjoint(first_half - {read.ids[0]})
   assert set(seen[0]) | set(seen[1]) == set(read.ids)
+
+
+@pytest.fixture(scope="module")
+def labelled_split(job, tmp_path_factory):
+  """The workdir's test split as new products with their labels (24 products)."""
+  return _write_split(str(tmp_path_factory.mktemp("labelled_split")), job[1], labels=True)
+
+
+def _npz(path):
+  with np.load(path) as data:
+    return {key: data[key] for key in data.files}
+
+
+def _same_outputs(ours, theirs):
+  """predictions.csv byte for byte, mmshap.npz array for array, metrics.json value for value."""
+  for name in (workdir.PREDICTIONS, workdir.METRICS):
+    with open(os.path.join(ours, name), "rb") as a, open(os.path.join(theirs, name), "rb") as b:
+      assert a.read() == b.read(), name
+  ours_npz, theirs_npz = (_npz(os.path.join(folder, workdir.SHAPLEY_VALUES))
+                          for folder in (ours, theirs))
+  assert list(ours_npz) == list(theirs_npz)
+  for key, value in theirs_npz.items():
+    assert ours_npz[key].dtype == value.dtype and ours_npz[key].shape == value.shape, key
+    np.testing.assert_array_equal(ours_npz[key], value, err_msg=key)
+
+
+def test_chunks_write_what_one_pass_writes_and_cards_stop_at_max_cards(loaded, labelled_split,
+                                                                      tmp_path, monkeypatch):
+  # Every product's MM-SHAP sampled (KernelSHAP): its estimate is seeded by its position in the
+  # whole input, whichever chunk it falls in.
+  monkeypatch.setattr(loaded.explainer, "options",
+                      dataclasses.replace(loaded.explainer.options, method="kernel", budget=64))
+  one_pass = loaded.predict(labelled_split)  # In memory, in one piece, photos held.
+  assert not one_pass.shapley["exact"].any()
+  read = loaded.read(labelled_split, keep_photos=False)
+  assert len(read) == 24 and loaded.chunk_rows(8) == 16  # Chunks of 16 and 8 products.
+  summary = predictor.predict_to_folder(loaded, read, str(tmp_path), max_cards=20, chunk_size=8)
+  assert summary["products"] == 24
+  with open(tmp_path / workdir.PREDICTIONS, "rb") as f:
+    assert f.read() == one_pass.csv_text().encode()
+  with open(tmp_path / workdir.METRICS) as f:
+    assert json.load(f) == json.loads(json.dumps(one_pass.metrics()))
+  # mmshap.npz holds what np.savez of the whole arrays wrote.
+  written = _npz(tmp_path / workdir.SHAPLEY_VALUES)
+  assert list(written) == list(one_pass.shapley)
+  for key, value in one_pass.shapley.items():
+    assert written[key].dtype == value.dtype and written[key].shape == value.shape, key
+    np.testing.assert_array_equal(written[key], value, err_msg=key)
+  pngs = sorted(os.listdir(tmp_path / workdir.EXPLANATION_PNGS))
+  assert len(pngs) == 20 and pngs[-1].startswith("00019-")  # Cards from both chunks, then none.
+  with open(tmp_path / workdir.EXPLANATIONS_HTML) as f:
+    assert f.read().count('<section class="card"') == 20
+  assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]
+
+
+def test_a_catalogue_is_held_a_chunk_of_photos_at_a_time(loaded, labelled_split, tmp_path,
+                                                         monkeypatch):
+  read = loaded.read(labelled_split, keep_photos=False)
+  assert all(isinstance(image, str) for image in read.images)  # Checked, then dropped.
+  records, rows_written = products.records, []
+  held = []  # Photos each call of the models had in memory.
+
+  def counted_records(chunk, class_names):
+    result = records(chunk, class_names)
+    held.append(sum(isinstance(r["image"], (bytes, np.ndarray)) for r in result))
+    return result
+
+  write = stream_files.CsvStream.write
+
+  def counted_write(stream, rows):
+    rows = list(rows)
+    rows_written.append(len(rows))
+    write(stream, rows)
+
+  monkeypatch.setattr(products, "records", counted_records)
+  monkeypatch.setattr(stream_files.CsvStream, "write", counted_write)
+  predictor.predict_to_folder(loaded, read, str(tmp_path), explain=False, chunk_size=8)
+  assert held == [16, 8] and rows_written == [16, 8]
+  with open(tmp_path / workdir.PREDICTIONS) as f:
+    assert [row["id"] for row in csv.DictReader(f)] == read.ids
+
+
+def test_a_run_that_fails_midway_leaves_no_half_output_file(loaded, labelled_split, tmp_path,
+                                                            monkeypatch):
+  read = loaded.read(labelled_split, keep_photos=False)
+  predict, calls = loaded.predict_products, []
+
+  def second_chunk_fails(chunk, **options):
+    calls.append(len(chunk))
+    if len(calls) == 2:
+      raise KeyboardInterrupt("stopped in the second chunk")
+    return predict(chunk, **options)
+
+  monkeypatch.setattr(loaded, "predict_products", second_chunk_fails)
+  with pytest.raises(KeyboardInterrupt):
+    predictor.predict_to_folder(loaded, read, str(tmp_path), chunk_size=8)
+  assert calls == [16, 8]
+  assert sorted(os.listdir(tmp_path)) == [workdir.BAD_ROWS]  # No half CSV or npz, no leftovers.
+
+
+def test_predict_py_as_two_processes_writes_what_one_process_with_two_devices_writes(
+    loaded, labelled_split, tmp_path):
+  """predict.py in two CPU processes joined by `jax.distributed` over loopback (one device each),
+  run while this process (two devices) predicts the same products; chunks of 16 and 8."""
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  address = f"127.0.0.1:{train_subprocess.free_port()}"
+  env = train_subprocess.cpu_env(device_count=1)
+  processes = []
+  for index in range(2):
+    command = [sys.executable, os.path.join(train_subprocess.REPO, "predict.py"),
+               f"--workdir={loaded.root}", f"--input={labelled_split}", f"--output={multi}",
+               "--chunk_size=8", "--max_cards=2", f"--coordinator_address={address}",
+               "--num_processes=2", f"--process_id={index}"]
+    processes.append(train_subprocess.start(command, env, str(tmp_path / f"process{index}.log")))
+  try:
+    assert jax.device_count() == 2 and jax.process_count() == 1
+    predictor.predict_to_folder(loaded, loaded.read(labelled_split, keep_photos=False), single,
+                                max_cards=2, chunk_size=8)
+  finally:
+    train_subprocess.finish_all(processes)
+  _same_outputs(multi, single)
+  with open(os.path.join(multi, workdir.SUMMARY)) as f:
+    assert json.load(f)["processes"] == 2
