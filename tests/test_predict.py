@@ -23,11 +23,11 @@ TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny):
-  """The tiny toyshop main job, run once for the module: (workdir, its config)."""
-  root = tmp_path_factory.mktemp("predict")
-  config = tiny.pipeline(str(root / "tfds"))
-  path = str(root / "workdir")
+def job(tmp_path_factory, tiny, tiny_learners):
+  """The tiny toyshop main job, run once for the module on the session's learners: (workdir, its
+  config)."""
+  path = str(tmp_path_factory.mktemp("predict") / "workdir")
+  config = tiny.pipeline(tiny_learners(path))
   pipeline.run(config, path)
   return path, config
 
