@@ -20,7 +20,8 @@ photos hard-linked under new ids; `--source=toyshop` without the fashion data) u
 
 Main-job rows are measured for the sizes in `--main_job_sizes` (default: all of `--sizes`), none
 with `--skip_main_job`. Every row records the 1-minute load average before and after it (the machine
-is shared). `--profile_prepare=FILE` profiles the first size's preparation with cProfile (pstats file).
+is shared). `--profile_prepare=FILE` adds a preparation of the first size under cProfile (a pstats
+file, and the 30 functions of most cumulative time in the row's `prep_profile`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import pstats
 import re
 import resource
 import shutil
@@ -92,6 +94,13 @@ def peak_rss_mb() -> dict[str, float]:
   return {"self": round(own, 1), "children": round(children, 1)}
 
 
+def profile_summary(stats: pstats.Stats, count: int = 30) -> list[list]:
+  """The `count` functions of most cumulative time: [function, calls, own seconds, cumulative seconds]."""
+  rows = sorted(stats.stats.items(), key=lambda item: -item[1][3])[:count]
+  return [[f"{os.path.basename(file)}:{line}({name})", calls, round(own, 3), round(cumulative, 3)]
+          for (file, line, name), (_, calls, own, cumulative, _) in rows]
+
+
 def child_prepare(catalogue: str, data_dir: str, profile: str | None) -> None:
   """In a fresh process: prepare the folder's dataset, then find it prepared again; prints JSON."""
   config = data_config(catalogue, data_dir)
@@ -104,6 +113,7 @@ def child_prepare(catalogue: str, data_dir: str, profile: str | None) -> None:
     profiler.disable()
     profiler.dump_stats(profile)
   prep_s = time.perf_counter() - start
+  hottest = profile_summary(pstats.Stats(profiler)) if profiler else None
   rss = peak_rss_mb()
   start = time.perf_counter()
   builders.prepare(config)
@@ -112,7 +122,7 @@ def child_prepare(catalogue: str, data_dir: str, profile: str | None) -> None:
   print(json.dumps({"prep_s": prep_s, "prep_peak_rss_mb": rss["self"],
                     "prep_children_peak_rss_mb": rss["children"],
                     "prepare_again_s": prepare_again_s, "examples": report.get("examples"),
-                    "dataset": builders.identity(builder)}))
+                    "dataset": builders.identity(builder), "profile_top": hottest}))
 
 
 def run_child(args: list[str]) -> tuple[dict, float]:
@@ -201,16 +211,23 @@ def main_job_row(catalogue: str, scratch: str, mmshap_examples: int) -> dict:
           "runs": {"first": first, "rerun": rerun, "after_one_photo": after_photo}}
 
 
-def git_commit() -> str:
-  result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-  dirty = subprocess.run(["git", "status", "--porcelain", "--", "jmmshap", "configs", "train.py"],
-                         capture_output=True, text=True, cwd=REPO).stdout.strip()
-  return result.stdout.strip() + ("+uncommitted changes" if dirty else "")
+_CODE = ("jmmshap", "configs", "train.py")  # What the measurements measure.
+
+
+def git(*args: str) -> str:
+  return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+
+def code_commit() -> str:
+  """The last commit that changed the measured code, marked when the worktree changes it further."""
+  dirty = git("status", "--porcelain", "--", *_CODE)
+  return git("log", "-1", "--format=%H", "--", *_CODE) + ("+uncommitted changes" if dirty else "")
 
 
 def machine() -> dict:
   return {"cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-          "platform": platform.platform(), "commit": git_commit(),
+          "platform": platform.platform(), "commit": git("rev-parse", "HEAD"),
+          "code_commit": code_commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -220,13 +237,16 @@ def measure_size(size: int, args, main_job: bool, profile: str | None) -> dict:
   catalogue = os.path.join(scratch, "catalogue")
   row = {"N": size, "load_before": load_average()}
   row["make_catalogue_s"] = round(make_catalogue(catalogue, size, args.source, args.fashion_dir), 2)
-  child_args = ["--child_prepare", catalogue, "--child_data_dir", os.path.join(scratch, "prep_tfds")]
-  if profile:
-    child_args += ["--child_profile", profile]
-  prep, wall = run_child(child_args)
+  prep, wall = run_child(["--child_prepare", catalogue, "--child_data_dir",
+                          os.path.join(scratch, "prep_tfds")])
   row.update({key: (round(value, 3) if isinstance(value, float) else value)
-              for key, value in prep.items()})
+              for key, value in prep.items() if key != "profile_top"})
   row["prep_process_s"] = round(wall, 2)
+  if profile:  # Another fresh preparation, under cProfile (slower than the timed one).
+    profiled, _ = run_child(["--child_prepare", catalogue, "--child_data_dir",
+                             os.path.join(scratch, "profiled_tfds"), "--child_profile", profile])
+    row["prep_profile"] = {"file": profile, "prep_s_profiled": round(profiled["prep_s"], 3),
+                           "top_cumulative": profiled["profile_top"]}
   if main_job:
     job = main_job_row(catalogue, scratch, args.mmshap_examples)
     row.update({key: job.pop(key) for key in ("first_run_s", "rerun_s", "rerun_after_one_photo_s")})
@@ -264,7 +284,8 @@ def main() -> None:
   parser.add_argument("--scratch", default="/tmp/jmmshap_bench_scale",
                       help="Catalogues, prepared data and workdirs (deleted per size unless --keep).")
   parser.add_argument("--keep", action="store_true", help="Keep each size's scratch folder.")
-  parser.add_argument("--profile_prepare", help="cProfile the first size's preparation into this file.")
+  parser.add_argument("--profile_prepare", help="Also prepare the first size under cProfile, into this "
+                      "pstats file.")
   parser.add_argument("--child_prepare", help=argparse.SUPPRESS)
   parser.add_argument("--child_data_dir", help=argparse.SUPPRESS)
   parser.add_argument("--child_profile", help=argparse.SUPPRESS)
