@@ -296,6 +296,8 @@ def main() -> None:
   if not args.out:
     parser.error("--out is required")
   main_sizes = [] if args.skip_main_job else (args.main_job_sizes or args.sizes)
+  if set(main_sizes) - set(args.sizes):
+    parser.error(f"--main_job_sizes={main_sizes} names sizes that are not in --sizes={args.sizes}")
   result = {"machine": machine(), "source": args.source, "sizes": args.sizes,
             "main_job_sizes": main_sizes, "tiny_size": args.tiny_size,
             "main_job_overrides": {"stages": TINY_STAGES, "meta": TINY_META,
