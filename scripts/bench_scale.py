@@ -78,12 +78,14 @@ def load_average() -> float:
   return os.getloadavg()[0]
 
 
-def data_config(catalogue: str, data_dir: str):
+def data_config(catalogue: str, data_dir: str, prepare_workers: int | None = None):
   """The product_folder data config of a make_catalogue.py folder (configs/common.py's taimd17k)."""
   config = common.data_config("taimd17k")
   config.manual_dir = catalogue
   config.data_dir = data_dir
   config.image_column = "image"
+  if prepare_workers is not None and "prepare_workers" in config:  # (Older code has no such key.)
+    config.prepare_workers = prepare_workers
   return config
 
 
@@ -101,9 +103,10 @@ def profile_summary(stats: pstats.Stats, count: int = 30) -> list[list]:
           for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
-def child_prepare(catalogue: str, data_dir: str, profile: str | None) -> None:
+def child_prepare(catalogue: str, data_dir: str, profile: str | None,
+                  prepare_workers: int | None) -> None:
   """In a fresh process: prepare the folder's dataset, then find it prepared again; prints JSON."""
-  config = data_config(catalogue, data_dir)
+  config = data_config(catalogue, data_dir, prepare_workers)
   profiler = cProfile.Profile() if profile else None
   start = time.perf_counter()
   if profiler:
@@ -237,8 +240,10 @@ def measure_size(size: int, args, main_job: bool, profile: str | None) -> dict:
   catalogue = os.path.join(scratch, "catalogue")
   row = {"N": size, "load_before": load_average()}
   row["make_catalogue_s"] = round(make_catalogue(catalogue, size, args.source, args.fashion_dir), 2)
+  workers = [] if args.prepare_workers is None else [f"--prepare_workers={args.prepare_workers}"]
+  row["prepare_workers"] = args.prepare_workers
   prep, wall = run_child(["--child_prepare", catalogue, "--child_data_dir",
-                          os.path.join(scratch, "prep_tfds")])
+                          os.path.join(scratch, "prep_tfds"), *workers])
   row.update({key: (round(value, 3) if isinstance(value, float) else value)
               for key, value in prep.items() if key != "profile_top"})
   row["prep_process_s"] = round(wall, 2)
@@ -274,6 +279,8 @@ def main() -> None:
   parser.add_argument("--main_job_sizes", type=parse_sizes, default=None,
                       help="Sizes that also get the main-job rows (default: all of --sizes).")
   parser.add_argument("--skip_main_job", action="store_true", help="Preparation rows only.")
+  parser.add_argument("--prepare_workers", type=int, default=None,
+                      help="data.prepare_workers of the preparation rows (default: the code's).")
   parser.add_argument("--tiny_size", type=int, default=1000,
                       help="The catalogue the reruns' overhead is measured against.")
   parser.add_argument("--mmshap_examples", type=int, default=16, help="MM-SHAP examples per split.")
@@ -291,7 +298,7 @@ def main() -> None:
   parser.add_argument("--child_profile", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child_prepare:
-    child_prepare(args.child_prepare, args.child_data_dir, args.child_profile)
+    child_prepare(args.child_prepare, args.child_data_dir, args.child_profile, args.prepare_workers)
     return
   if not args.out:
     parser.error("--out is required")
