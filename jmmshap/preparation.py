@@ -73,8 +73,9 @@ class LocalDatasetInfo(tfds.core.DatasetInfo):
 
 def default_prepare_workers(rows: int) -> int:
   """Processes that check photos while a catalogue is prepared: one per core from
-  `_MIN_ROWS_FOR_WORKERS` rows on, none (this process) below."""
-  return (os.cpu_count() or 1) if rows >= _MIN_ROWS_FOR_WORKERS else 0
+  `_MIN_ROWS_FOR_WORKERS` rows on (the cores this process may use, as a job scheduler set them),
+  none (this process) below."""
+  return len(os.sched_getaffinity(0)) if rows >= _MIN_ROWS_FOR_WORKERS else 0
 
 
 class PhotoChecker:
@@ -105,12 +106,19 @@ class PhotoChecker:
       return
     pending = collections.deque()
     window = _TASKS_IN_FLIGHT_PER_WORKER * self.workers
-    for task in tasks:
-      pending.append(self._pool.submit(catalog.checked_photos, task))
-      if len(pending) >= window:
+    try:
+      for task in tasks:
+        pending.append(self._pool.submit(catalog.checked_photos, task))
+        if len(pending) >= window:
+          yield from pending.popleft().result()
+      while pending:
         yield from pending.popleft().result()
-    while pending:
-      yield from pending.popleft().result()
+    except concurrent.futures.process.BrokenProcessPool as error:
+      raise RuntimeError(
+          f"a process checking photos died ({error}). Each starts a fresh interpreter that imports "
+          "the main script: a script that prepares data must run from under `if __name__ == "
+          "'__main__':`. Or set --config.data.prepare_workers=0 to check photos in this "
+          "process.") from error
 
 
 def _shards(rows: Sequence[catalog.Row]) -> list[Sequence[catalog.Row]]:
@@ -170,7 +178,7 @@ class _ShardExamples:
 
 
 STREAMED = ("Examples in CSV order within each split, written shard by shard as their photos are "
-             "checked (were: in hashed key order, all held before writing).")
+            "checked (were: in hashed key order, all held before writing).")
 
 
 class ProductCsvBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
@@ -190,7 +198,7 @@ class ProductCsvBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     config = self._config()
     return LocalDatasetInfo(builder=self, description=self.__doc__,
-                             features=features(config.class_names))
+                            features=features(config.class_names))
 
   def _config(self):
     raise NotImplementedError
