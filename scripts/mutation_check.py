@@ -434,6 +434,11 @@ MUTANTS = (
            "Photos checked by workers are paired with the wrong rows once the window is full.",
            ("tests/test_builders.py::test_worker_processes_prepare_what_this_process_prepares_bad_"
             "rows_included",)),
+    Mutant("chunks_restart_mmshap_seeds", "jmmshap/mmshap_stage.py",
+           "indices=indices + first_index,", "indices=indices,",
+           "Each predict chunk seeds its sampled MM-SHAP from position 0: chunking changes phi.",
+           ("tests/test_predict.py::test_chunks_write_what_one_pass_writes_and_cards_stop_at_max_"
+            "cards",)),
     # scripts/eval_options.py: the evaluation-only options measured on one finished run.
     Mutant("eval_options_ema_row_is_the_trained_params", "scripts/eval_options.py",
            "variants[\"ema\"] = train_lib.evaluated_model(state)",
