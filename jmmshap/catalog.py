@@ -15,6 +15,8 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
+import operator
 import os
 import re
 import sys
@@ -90,18 +92,29 @@ def is_blank(text: str) -> bool:
   return all(char.isspace() or unicodedata.category(char) == "Cf" for char in visible)
 
 
-def contained(root: str, name: str) -> str | None:
+def _symlinks(root: str) -> set[str]:
+  """The names of the symlinks in folder `root`, from one listing (no `lstat` per row)."""
+  try:
+    with os.scandir(root) as entries:
+      return {entry.name for entry in entries if entry.is_symlink()}
+  except OSError:
+    return set()
+
+
+def contained(root: str, name: str, symlinks: set[str] | None = None) -> str | None:
   """The image's path when it lies inside the image folder `root` (a `realpath`), else None.
 
   An id or image column of a catalogue made elsewhere may hold `../../x`, an absolute path, or name
   a symlink that points out of the folder; none of those may be read into a dataset. The answer
-  does not depend on whether such an outside file exists. A plain file name costs one `lstat`; a
-  name with folders, or a symlink, is resolved in full.
+  does not depend on whether such an outside file exists. A plain file name costs one `lstat`, or
+  nothing given `symlinks` (`_symlinks(root)`, for a whole catalogue); a name with folders, or a
+  symlink, is resolved in full.
   """
   inside = root.rstrip(os.sep) + os.sep
   if name and os.sep not in name and name not in (".", ".."):  # A plain file name: the fast path.
     path = inside + name
-    return path if not os.path.islink(path) or _inside(os.path.realpath(path), inside) else None
+    link = os.path.islink(path) if symlinks is None else name in symlinks
+    return path if not link or _inside(os.path.realpath(path), inside) else None
   path = os.path.normpath(os.path.join(root, name))
   if os.path.dirname(path) != root or os.path.islink(path):
     path = os.path.realpath(path)
@@ -125,22 +138,6 @@ def _fields_of(line: str) -> list[str]:
     csv.field_size_limit(limit)
 
 
-class _Lines:
-  """The physical lines of a CSV from `start` on, counting how many a reader takes."""
-
-  def __init__(self, lines: list[str], start: int):
-    self.lines, self.next = lines, start
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> str:
-    if self.next >= len(self.lines):
-      raise StopIteration
-    self.next += 1
-    return self.lines[self.next - 1]
-
-
 def _records(lines: list[str], start: int):
   """(line number, fields, problem) for every record of `lines[start:]`; with a problem, the
   fields are those of that line alone, as far as they can be read (for its id).
@@ -152,10 +149,9 @@ def _records(lines: list[str], start: int):
   """
   position = start
   while position < len(lines):
-    feed = _Lines(lines, position)
-    reader = csv.reader(feed)
+    reader = csv.reader(itertools.islice(lines, position, None))  # line_num: the lines it took.
     while True:
-      first = feed.next
+      first = position + reader.line_num
       try:
         fields = next(reader)
       except StopIteration:
@@ -164,7 +160,7 @@ def _records(lines: list[str], start: int):
         yield first + 1, _fields_of(lines[first]), (
             f"unreadable CSV field ({error}); shorten or fix the field")
         break
-      taken = feed.next - first
+      taken = position + reader.line_num - first
       if taken > 1:
         yield first + 1, _fields_of(lines[first]), (
             f"a quoted field that opens on this line is not closed on it and runs over {taken} "
@@ -219,13 +215,18 @@ def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_colum
         f"{', '.join(map(repr, header))}. Set the data config's column names to match the file."
         + hint)
   index = {role: header.index(column) for role, column in wanted.items()}
+  roles, fields_of = tuple(index), operator.itemgetter(*index.values())
 
   image_root = os.path.realpath(image_dir)
+  symlinks = _symlinks(image_root)
   rows, bad_rows, first_line_of_id = [], [], {}
   for line, record, problem in records:
     if problem is None and not record:
       continue  # A blank line holds no product.
-    values = {role: record[i].strip() if i < len(record) else "" for role, i in index.items()}
+    if len(record) == len(header):
+      values = dict(zip(roles, map(str.strip, fields_of(record))))
+    else:
+      values = {role: record[i].strip() if i < len(record) else "" for role, i in index.items()}
     split = values["split"].lower() if split_column else None
     undecodable = [] if all_utf8 else [name for name, value in zip(header, record)
                                        if _printable(value) != value]
@@ -251,7 +252,7 @@ def read_catalog(csv_path: str, *, id_column: str, text_column: str, label_colum
       reason = f"empty image path in column {image_column!r}"
     else:
       name = values["image"] if image_column else f"{values['id']}.jpg"
-      image_path = contained(image_root, name)
+      image_path = contained(image_root, name, symlinks)
       reason = (None if image_path is not None else
                 f"image path {name!r} leads outside the image folder {image_dir}")
     if reason is not None:
