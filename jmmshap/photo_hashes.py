@@ -61,6 +61,10 @@ def _hash(path: str) -> tuple[str, Key | None, int]:
   return digest, before if _key(path) == before else None, started
 
 
+def _hash_all(paths: Sequence[str]) -> list[tuple[str, Key | None, int]]:
+  return [_hash(path) for path in paths]
+
+
 def _trusted(key: Key, hashed_ns: int) -> bool:
   """Whether the file's timestamps were set clearly before it was hashed (not racily clean)."""
   _, mtime_ns, ctime_ns, _, _ = key
@@ -111,8 +115,9 @@ def digests(paths: Sequence[str], cache_path: str | None) -> list[str]:
   todo = [i for i, digest in enumerate(found) if digest is None]
   if not todo:
     return found
-  with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
-    hashed = list(pool.map(_hash, (paths[i] for i in todo), chunksize=64))
+  blocks = [[paths[i] for i in todo[start:start + 256]] for start in range(0, len(todo), 256)]
+  with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:  # A task per block, not file.
+    hashed = [result for block in pool.map(_hash_all, blocks) for result in block]
   entries = []
   for i, (digest, key, started) in zip(todo, hashed):
     found[i] = digest

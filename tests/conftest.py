@@ -66,6 +66,10 @@ def with_overrides(config: ml_collections.ConfigDict,
 class Tiny:
   """Tiny toyshop configs of every stage; `overrides` (dotted keys) go on top."""
 
+  # The session's tiny main job (`tiny_main_job`): meta early stopping, so held-out predictions are
+  # made too.
+  MAIN_JOB = {"meta.early_stopping": True}
+
   @staticmethod
   def overrides(stage: str, data_dir: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The dotted overrides of a tiny stage config (for train.py's flags too)."""
@@ -122,6 +126,16 @@ def tiny_learners(tmp_path_factory, tiny):
     return data_dir
 
   return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_main_job(tmp_path_factory, tiny, tiny_learners):
+  """(workdir, config) of the tiny main job, finished once per session on the session's learners;
+  a test reads it and never changes it (copy what a test changes)."""
+  path = str(tmp_path_factory.mktemp("tiny_main_job") / "workdir")
+  config = tiny.pipeline(tiny_learners(path), tiny.MAIN_JOB)
+  pipeline.run(config, path)
+  return path, config
 
 
 # The stronger image learner's options, all on: crops and flips, label smoothing, a moving average

@@ -192,31 +192,24 @@ def test_each_process_takes_its_share_of_a_group_and_of_a_call(monkeypatch):
 
 
 # Early stopping: the meta-models also predict their held-out rows during training.
-MAIN_JOB = {"meta.early_stopping": True}
-
-
 @pytest.fixture(scope="module")
-def main_jobs(tmp_path_factory, tiny, tiny_learners):
+def main_jobs(tmp_path_factory, tiny, tiny_learners, tiny_main_job):
   """(one process with 2 devices, 2 processes with 1 device each, the processes' logs) workdirs of
-  the tiny main job. The learners are the session's, copied: both jobs reuse them and run mmshap
-  and meta themselves."""
+  the tiny main job: the session's (run in this process) and one run here as two processes on a
+  copy of the same learners, which runs mmshap and meta itself."""
+  single, _ = tiny_main_job
   root = tmp_path_factory.mktemp("distributed_main_job")
-  single, multi = str(root / "single"), str(root / "multi")
-  data_dir = tiny_learners(single)
-  tiny_learners(multi)
-  config = tiny.pipeline(data_dir, MAIN_JOB)
+  multi = str(root / "multi")
+  data_dir = tiny_learners(multi)
   address = f"127.0.0.1:{train_subprocess.free_port()}"
   env = train_subprocess.cpu_env(device_count=1)
   logs = [str(root / f"main_job{index}.log") for index in range(2)]
   processes = [train_subprocess.start(
-      train_subprocess.train_command(multi, tiny.pipeline_overrides(data_dir, MAIN_JOB),
+      train_subprocess.train_command(multi, tiny.pipeline_overrides(data_dir, tiny.MAIN_JOB),
                                      f"--coordinator_address={address}", "--num_processes=2",
                                      f"--process_id={index}", config="configs/meta.py"),
       env, logs[index]) for index in range(2)]
-  try:
-    pipeline.run(config, single)  # Here, while the two processes run.
-  finally:
-    train_subprocess.finish_all(processes)
+  train_subprocess.finish_all(processes)
   return single, multi, logs
 
 

@@ -3,7 +3,9 @@ runs the missing stages, reuses the finished ones and reruns the stale ones."""
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 
@@ -176,13 +178,19 @@ def test_the_registry_lists_each_stage_once_after_what_it_reads():
     assert stage.writes, stage.name
 
 
-def test_the_main_job_runs_every_missing_stage_then_reuses_them(tmp_path_factory, tiny):
+def test_the_main_job_runs_every_missing_stage_then_reuses_them(tmp_path_factory, tiny,
+                                                                tiny_learners, caplog):
   root = tmp_path_factory.getbasetemp()
   config = tiny.pipeline(str(root / "tfds_stages"))
   assert config.stages.mmbt.data.toyshop.validation_per_class == 2  # Shared, not copied.
   assert config.stages.image.data.data_dir == str(root / "tfds_stages")
   job = str(root / "workdir_meta")
-  report = pipeline.run(config, job)
+  tiny_learners(job)  # The session's learners (where their data was prepared does not matter).
+  shutil.rmtree(os.path.join(job, "mmbt"))  # A missing learner, and the stages after it.
+  with caplog.at_level(logging.INFO):
+    report = pipeline.run(config, job)
+  ran = [message.split()[3] for message in caplog.messages if message.startswith("pipeline: running")]
+  assert ran == ["mmbt", "mmshap"]
   assert list(report["methods"]) == ["text", "image", "mmbt", "average", "stacked",
                                      "mmshap_dataset", "mmshap_sample"]
   assert "clip_pretrain" not in config.stages  # Only the fashion variants pretrain a tower.

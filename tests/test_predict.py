@@ -23,13 +23,9 @@ TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny, tiny_learners):
-  """The tiny toyshop main job, run once for the module on the session's learners: (workdir, its
-  config)."""
-  path = str(tmp_path_factory.mktemp("predict") / "workdir")
-  config = tiny.pipeline(tiny_learners(path))
-  pipeline.run(config, path)
-  return path, config
+def job(tiny_main_job):
+  """The session's tiny toyshop main job: (workdir, its config)."""
+  return tiny_main_job
 
 
 @pytest.fixture(scope="module")
