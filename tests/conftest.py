@@ -162,8 +162,8 @@ _opened: list[str] | None = None  # Files opened in this process, while `opened_
 
 
 def _record_open(event: str, args: tuple) -> None:
-  if event == "open" and _opened is not None and isinstance(args[0], (str, bytes)):
-    _opened.append(os.fsdecode(args[0]))
+  if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+    _opened.append(os.fsdecode(os.fspath(args[0])))
 
 
 sys.addaudithook(_record_open)  # An audit hook cannot be removed: it records only when asked.
