@@ -18,7 +18,8 @@ photos hard-linked under new ids; `--source=toyshop` without the fashion data) u
   log says ran or were reused, and its last error line). The log's pipeline lines, with their
   seconds since the process started, are kept per run (`log`).
 
-Main-job rows are measured for the sizes in `--main_job_sizes` (default: all of `--sizes`), none
+`--prepare_workers=K` sets `data.prepare_workers` of the preparation rows (the 0/1/2-worker
+comparison in docs/BENCHMARKS.md). Main-job rows are measured for the sizes in `--main_job_sizes` (default: all of `--sizes`), none
 with `--skip_main_job`. Every row records the 1-minute load average before and after it (the machine
 is shared). `--profile_prepare=FILE` adds a preparation of the first size under cProfile (a pstats
 file, and the 30 functions of most cumulative time in the row's `prep_profile`).
