@@ -32,7 +32,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from jmmshap import photos
+from jmmshap import parallel, photos
 from jmmshap.tokenizer import TitleTokenizer
 
 Batch = dict[str, np.ndarray]
@@ -222,8 +222,7 @@ def default_worker_count() -> int:
   docs/BENCHMARKS.md)."""
   if jax.default_backend() == "cpu":
     return 0
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(0, min(16, (cores or 1) - 1))
+  return max(0, min(16, parallel.usable_cores() - 1))
 
 
 def default_read_threads() -> int:
@@ -232,8 +231,7 @@ def default_read_threads() -> int:
   GIL)."""
   if jax.default_backend() == "cpu":
     return 1
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(1, min(16, cores or 1))
+  return min(16, parallel.usable_cores())
 
 
 def worker_count(data_config: Any) -> int:

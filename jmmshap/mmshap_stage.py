@@ -137,12 +137,6 @@ def process_share(count: int, group: int) -> int:
   return int(((within >= rows.start) & (within < rows.stop)).sum())
 
 
-def local_mesh() -> jax.sharding.Mesh:
-  """This process's devices alone: its examples are explained without waiting for the others."""
-  return jax.make_mesh((jax.local_device_count(),), (parallel.DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices())
-
-
 def process_options(options: mmshap.Options) -> mmshap.Options:
   """One process's share of the global `examples_per_group` and `chunk_size` (rows per forward
   call over every device; the backend's default when 0): per device the calls are those of one
@@ -159,8 +153,10 @@ def process_options(options: mmshap.Options) -> mmshap.Options:
 
 def process_explainer(model: Any, options: mmshap.Options, *,
                       tokenizer: Any = None) -> mmshap.Explainer:
-  """The explainer `explain_split` needs: this process's share of the options, on its devices."""
-  return mmshap.Explainer(model, process_options(options), mesh=local_mesh(), tokenizer=tokenizer)
+  """The explainer `explain_split` needs: this process's share of the options, on its own devices
+  (its examples are explained without waiting for the others)."""
+  return mmshap.Explainer(model, process_options(options),
+                          mesh=parallel.make_mesh(jax.local_devices()), tokenizer=tokenizer)
 
 
 def gather_processes(arrays: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

@@ -77,13 +77,21 @@ def release_devices() -> None:
   gc.collect()
 
 
-def make_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process, ordered by process.
+def usable_cores() -> int:
+  """The cores this process may run on (as a job scheduler set them), for sizing its helpers."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return cores or 1
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over every device of every process (or over `devices`), ordered by process.
 
   Process p's devices hold the p-th block of rows of a global batch, the rows
   `input_pipeline.process_slice` has it read and `multihost_utils.process_allgather` puts p-th.
+  `devices=jax.local_devices()`: a process's own mesh, for work it does without the others.
   """
-  devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda device: (device.process_index, device.id))
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 

@@ -479,15 +479,10 @@ class Predictor:
           votes=votes, label=None if products.labels is None else products.labels[row]))
     return cards
 
-  def summary(self, predictions: Predictions) -> dict[str, Any]:
-    """summary.json: what was predicted, with what, and how fast."""
-    return self.summary_record(predictions.products, len(predictions.products),
-                               predictions.method, list(predictions.probabilities),
-                               predictions.shapley is not None, predictions.timings)
-
-  def summary_record(self, products: Products, count: int, method: str, methods: list[str],
-                     explained: bool, timings: dict[str, float]) -> dict[str, Any]:
-    """summary.json of `count` of `products` predicted (a stream's)."""
+  def summary(self, products: Products, count: int, method: str, methods: list[str],
+              explained: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """summary.json: `count` of `products` predicted (all, or a stream's so far), with what, and
+    how fast."""
     total = sum(timings.values())
     options = dataclasses.asdict(self.explainer.options)
     return {"workdir": os.path.abspath(self.root), "source": products.source, "products": count,
@@ -591,7 +586,7 @@ class OutputFolder:
         if stream is not None:
           stream.abort()
       return
-    self.summary = self.predictor.summary_record(self.products, self.count, self.method,
+    self.summary = self.predictor.summary(self.products, self.count, self.method,
                                                  self.methods, self.explained, self.timings)
     if not self.writer:
       return

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from absl import logging
 import tensorflow_datasets as tfds
 
-from jmmshap import catalog
+from jmmshap import catalog, parallel
 from jmmshap.catalog import SPLITS, UNASSIGNED
 
 # TFDS looks up builders defined inside a package through the `importlib_resources` backport, which it
@@ -75,7 +75,7 @@ def default_prepare_workers(rows: int) -> int:
   """Processes that check photos while a catalogue is prepared: one per core from
   `_MIN_ROWS_FOR_WORKERS` rows on (the cores this process may use, as a job scheduler set them),
   none (this process) below."""
-  return len(os.sched_getaffinity(0)) if rows >= _MIN_ROWS_FOR_WORKERS else 0
+  return parallel.usable_cores() if rows >= _MIN_ROWS_FOR_WORKERS else 0
 
 
 class PhotoChecker:

@@ -68,7 +68,7 @@ class Products:
   ids: list[str]
   titles: list[str]
   # Encoded RGB JPEG/PNG bytes, or uint8 (H, W, 3); or the checked photo's path (str), read when
-  # needed (`read_csv(keep_photos=False)`, `load_photo`).
+  # needed (`read_csv(keep_photos=False)`, `photo`).
   images: list[bytes | np.ndarray | str]
   labels: list[str] | None  # None: the input has no labels.
   lines: list[int]  # The CSV line (or 1-based row number) of each product.
@@ -253,17 +253,14 @@ def single(title: str, image: Any, class_names: Sequence[str], *, product_id: st
   return from_rows([row], class_names, columns=Columns())
 
 
-def load_photo(image: bytes | np.ndarray | str) -> bytes | np.ndarray:
-  """A product's photo: as held, or read from its path (the bytes `read_csv` checked)."""
-  if isinstance(image, str):
-    return catalog.encoded_rgb_image(image)[0]
-  return image
-
-
 def photo(products: Products, row: int) -> bytes | np.ndarray:
-  """`load_photo` of a product; a photo that went bad since it was checked names its row."""
+  """A product's photo: as held, or read from its path (the bytes `read_csv` checked); a photo
+  that went bad since it was checked names its row."""
+  image = products.images[row]
+  if not isinstance(image, str):
+    return image
   try:
-    return load_photo(products.images[row])
+    return catalog.encoded_rgb_image(image)[0]
   except catalog.ImageProblem as error:
     bad = catalog.BadRow(NO_SPLIT, products.lines[row], products.ids[row], products.images[row],
                          error.reason)

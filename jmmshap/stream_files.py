@@ -20,18 +20,14 @@ from typing import Any
 
 import numpy as np
 
-
-def partial_path(target: str) -> str:
-  """Where a file is written before its rename (`workdir.write_atomically`'s name for it)."""
-  root, extension = os.path.splitext(target)
-  return f"{root}.partial-{os.getpid()}{extension}"
+from jmmshap import workdir
 
 
 class CsvStream:
   """A CSV written row by row into its partial file, renamed over `target` by `close`."""
 
   def __init__(self, target: str, header: Sequence[str]):
-    self.target, self.partial = target, partial_path(target)
+    self.target, self.partial = target, workdir.partial_path(target)
     self.rows = 0
     self._file = open(self.partial, "w", newline="", encoding="utf-8")
     self._writer = csv.writer(self._file, lineterminator="\n")
@@ -116,7 +112,7 @@ class NpzStream:
     """Writes the npz and renames it over `target`."""
     if self.keys is None:
       raise ValueError(f"{self.target}: no chunk was appended.")
-    partial = partial_path(self.target)
+    partial = workdir.partial_path(self.target)
     try:
       with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for key in self.keys:

@@ -131,11 +131,17 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def partial_path(target: str) -> str:
+  """Where a file is written before its rename over `target` (it keeps the extension: np.savez
+  insists on it)."""
+  root, extension = os.path.splitext(target)
+  return f"{root}.partial-{os.getpid()}{extension}"
+
+
 def write_atomically(target: str, write: Callable[[str], Any]) -> None:
   """`write(partial)` then a rename over `target`: a run killed mid-write leaves the old file or
   none, and another process reading `target` meanwhile sees one whole version."""
-  root, extension = os.path.splitext(target)
-  partial = f"{root}.partial-{os.getpid()}{extension}"  # np.savez insists on its extension.
+  partial = partial_path(target)
   write(partial)
   os.replace(partial, target)
 

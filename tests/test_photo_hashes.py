@@ -99,7 +99,7 @@ def test_a_photo_hashed_within_the_racy_window_is_read_again(tmp_path, opened_fi
   assert set(paths) <= set(opened_files)
 
 
-def test_missing_photos_have_their_own_digest_and_are_never_cached(tmp_path, trust_at_once):
+def test_a_missing_photo_has_its_own_digest_and_one_that_appears_later_is_read(tmp_path, trust_at_once):
   paths = _photos(tmp_path / "images", 2)
   os.remove(paths[1])
   cache = str(tmp_path / "cache.sqlite3")
