@@ -43,7 +43,10 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
     data.name = "toyshop"
     data.toyshop = ml_collections.ConfigDict(dict(
         num_text_classes=4, num_image_classes=4, num_kinds=2, num_variants=2,
-        train_per_class=100, validation_per_class=30, test_per_class=50, image_size=32, seed=0))
+        train_per_class=100, validation_per_class=30, test_per_class=50, image_size=32, seed=0,
+        # None: off; in [0, 1]: train titles of image-decided classes carry a line word that names
+        # the class with this probability (jmmshap/toyshop.py), a shortcut that collapses the MMBT.
+        shortcut_strength=ml_collections.config_dict.placeholder(float)))
     data.image_size = 32  # What the pipeline resizes to; toyshop.image_size is what is generated.
   elif variant in FASHION:
     data.name = "fashion_products"

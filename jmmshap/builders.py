@@ -69,7 +69,10 @@ class ToyshopConfig(tfds.core.BuilderConfig):
 
 def toyshop_config(spec: toyshop.ToyshopSpec) -> ToyshopConfig:
   """A config named after the spec and the generator version, so each spec gets its own cache."""
-  settings = {"spec": dataclasses.asdict(spec), "generator_version": toyshop.GENERATOR_VERSION}
+  # Without the shortcut the spec hashes as before the option existed: same data, same cache.
+  fields = {key: value for key, value in dataclasses.asdict(spec).items()
+            if not (key == "shortcut_strength" and value is None)}
+  settings = {"spec": fields, "generator_version": toyshop.GENERATOR_VERSION}
   return ToyshopConfig(
       name=f"{spec.num_classes}classes-{spec.image_size}px-seed{spec.seed}-{_settings_hash(settings)}",
       description=f"Toyshop generated from {spec}.",

@@ -2,7 +2,7 @@
 
 Methods (`W/meta/metrics.json`): each base learner alone (text, image, mmbt), `average` (the mean
 of their softmax outputs), and one meta-MLP per `meta.weighting` (`weighting.py`): stacked,
-mmshap_dataset, mmshap_sample. The meta-MLPs train on validation (`meta.py`); every number is on test.
+mmshap_dataset, mmshap_sample, mmshap_complement. The meta-MLPs train on validation (`meta.py`); every number is on test.
 `predictions_test.npz` keeps every method's test probabilities by example id.
 The pipeline (`pipeline.py`) has run the upstream stages before this one reads their outputs.
 """
@@ -32,16 +32,17 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
     problems.append(str(error))
     weightings = ()
   mmshap_config = config.stages.get("mmshap")
-  if "sample" in weightings and mmshap_config is not None and mmshap_config.max_examples:
-    problems.append(
-        f"meta.weighting includes 'sample', which needs MM-SHAP shares of every validation and test "
-        f"example, but stages.mmshap.max_examples={mmshap_config.max_examples} explains only the "
-        "first ones: set stages.mmshap.max_examples=0 or drop 'sample' from meta.weighting.")
-  if "sample" in weightings and mmshap_config is not None and mmshap_config.get("target") == "label":
-    problems.append(
-        "meta.weighting includes 'sample' but stages.mmshap.target='label': each test example's "
-        "weights would come from explaining its true label, so the test score would read the test "
-        "labels. Use stages.mmshap.target='predicted' or drop 'sample' from meta.weighting.")
+  for name in (name for name in weightings if name in weighting.PER_EXAMPLE):
+    if mmshap_config is not None and mmshap_config.max_examples:
+      problems.append(
+          f"meta.weighting includes '{name}', which needs MM-SHAP shares of every validation and "
+          f"test example, but stages.mmshap.max_examples={mmshap_config.max_examples} explains only "
+          f"the first ones: set stages.mmshap.max_examples=0 or drop '{name}' from meta.weighting.")
+    if mmshap_config is not None and mmshap_config.get("target") == "label":
+      problems.append(
+          f"meta.weighting includes '{name}' but stages.mmshap.target='label': each test example's "
+          "weights would come from explaining its true label, so the test score would read the test "
+          f"labels. Use stages.mmshap.target='predicted' or drop '{name}' from meta.weighting.")
   config_checks.positive(problems, config.meta, f"{prefix}meta.", "num_steps", "hidden_size",
                          "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
   every, checkpoint_every = config.meta.eval_every_steps, config.meta.checkpoint_every_steps
@@ -113,7 +114,7 @@ def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
   shares = None
   if needs_shares or os.path.isfile(learner_outputs.shares_path(root, "validation")):
     shares = {"validation": learner_outputs.load_shares(root, outputs["validation"])}
-    if "sample" in weightings or os.path.isfile(learner_outputs.shares_path(root, "test")):
+    if set(weightings) & set(weighting.PER_EXAMPLE) or os.path.isfile(learner_outputs.shares_path(root, "test")):
       shares["test"] = learner_outputs.load_shares(root, outputs["test"])
 
   test_labels = outputs["test"].labels

@@ -411,9 +411,9 @@ class Predictor:
     started = time.perf_counter()
     probabilities = ensemble.learner_probabilities(logits)
     for name, predict in self.meta_models.items():
-      if name == "sample" and shapley is None:
+      if name in weighting.PER_EXAMPLE and shapley is None:
         continue
-      shares = None if name != "sample" else learner_outputs.Shares(
+      shares = None if name not in weighting.PER_EXAMPLE else learner_outputs.Shares(
           shapley["t_shap"], shapley["v_shap"], np.ones(len(products), bool), PRODUCTS_SPLIT)
       features, _ = weighting.split_features(name, logits, self.config.meta, self.mean_shares,
                                              shares, PRODUCTS_SPLIT)

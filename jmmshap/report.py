@@ -71,7 +71,9 @@ def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
   lines += ["", f"Best by test macro F1: **{best}**; its confusion matrix: `confusion_matrix.png`.",
             "text, image, mmbt: each base learner alone; average: mean of their softmax outputs; "
             "stacked: meta-MLP on the plain logits; mmshap_dataset / mmshap_sample: meta-MLP on "
-            "MM-SHAP-weighted logits (dataset means / each example's own shares).", ""]
+            "MM-SHAP-weighted logits (dataset means / each example's own shares); "
+            "mmshap_complement: each unimodal learner weighted by 1 - the MMBT's share of its "
+            "modality (jmmshap/weighting.py).", ""]
   if learners:
     lines += ["## Base learners", ""]
     lines += [f"- {name}: {description}" for name, description in learners.items()]

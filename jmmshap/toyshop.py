@@ -29,6 +29,16 @@ and no design can hide the group from both modalities while keeping each group d
 MM-SHAP shares are therefore expected to be pulled somewhat towards 0.5 for the text and image groups;
 what must be recovered is the ordering text > both > image and the symmetry of the 'both' group.
 
+**Shortcut words** (`shortcut_strength`, off by default) make a multimodal model collapse onto the
+title where the data needs the photo. Every image-decided title then ends with a product-line word
+("lumo line"), one per image-decided class. In train, the line word is the class's own with
+probability `shortcut_strength` and otherwise drawn uniformly from all line words; in validation and
+test it is always drawn uniformly, so it says nothing there. At strength 1 a title decides every
+image-decided training example: a model trained jointly fits train from the one word, faster than
+from the photo, and leaves its image pathway unlearnt; on test the word points at a random class.
+The line word is drawn after the title and the image, so an example's title and photo are the same
+at every strength (with it off, byte-identical to the datasets made before the option existed).
+
 Examples are generated from a seed derived from (spec.seed, split, class, index), so each example is
 independent of the sizes of every split and class, and the same spec gives byte-identical examples.
 """
@@ -109,6 +119,12 @@ _BOTH_KINDS = {
     "cushion": ("cushion cover", "cushion case", "sofa cushion"),
     "apron": ("apron", "kitchen apron", "chef apron"),
 }
+# Product-line words of the shortcut (`ToyshopSpec.shortcut_strength`), one per image-decided class:
+# invented, so they share no word piece with the rest of the vocabulary.
+_LINE_WORDS = ("lumo", "vexari", "dorenk", "kalith", "pimzu", "zetora", "bruvik", "quellan", "fosk",
+               "marnet", "tivola", "gresh", "yombi", "caddox", "nurel", "ostrim", "wevna", "haplix",
+               "jorun", "sefti", "ulbek", "ravim", "enzo", "iktar", "bolvy", "drasmo", "feyrin",
+               "ghollu", "kwest", "plimo")
 # The one title vocabulary of all image-decided classes.
 _GENERIC_NOUNS = ("gift", "item", "accessory", "novelty", "keepsake", "collectible", "souvenir",
                   "decor piece", "mystery box", "trinket")
@@ -151,11 +167,19 @@ class ToyshopSpec:
   test_per_class: int = 50
   image_size: int = 32
   seed: int = 0
+  # None: no line words. In [0, 1]: how often a training title's line word is its class's own
+  # (module docstring).
+  shortcut_strength: float | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if not isinstance(value, int) or isinstance(value, bool):
+      if field.name == "shortcut_strength":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 <= value <= 1.0):
+          raise ValueError(f"ToyshopSpec.shortcut_strength must be None (off) or in [0, 1], got "
+                           f"{value!r}.")
+      elif not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"ToyshopSpec.{field.name} must be an int, got {value!r}.")
     limits = {
         "num_text_classes": (2, len(_TEXT_KINDS)),
@@ -209,6 +233,7 @@ def _image_designs(count: int) -> list[tuple[str, str]]:
 class _ClassRecipe:
   info: ClassInfo
   nouns: tuple[str, ...]        # Title nouns to draw from.
+  line: int | None = None       # Image-decided: the index of its line word (the shortcut).
   shape: str | None = None      # Image-decided: the class's shape ...
   colour: str | None = None     # ... and colour.
   variant: str | None = None    # Both: the variant's colour.
@@ -218,9 +243,9 @@ def _recipes(spec: ToyshopSpec) -> list[_ClassRecipe]:
   recipes = []
   for kind in list(_TEXT_KINDS)[:spec.num_text_classes]:
     recipes.append(_ClassRecipe(ClassInfo(kind, "text", 1.0), _TEXT_KINDS[kind]))
-  for shape, colour in _image_designs(spec.num_image_classes):
+  for line, (shape, colour) in enumerate(_image_designs(spec.num_image_classes)):
     recipes.append(_ClassRecipe(ClassInfo(f"design/{colour}-{shape}", "image", 0.0), _GENERIC_NOUNS,
-                                shape=shape, colour=colour))
+                                line=line, shape=shape, colour=colour))
   for kind in list(_BOTH_KINDS)[:spec.num_kinds]:
     for variant in _VARIANTS[:spec.num_variants]:
       recipes.append(_ClassRecipe(ClassInfo(f"{kind}/{variant}", "both", 0.5), _BOTH_KINDS[kind],
@@ -236,7 +261,8 @@ def classes(spec: ToyshopSpec) -> list[ClassInfo]:
 class _Draws:
   """Uniform numbers drawn in one rng call per example: per-call overhead dominated generation time.
 
-  An example uses 25 (title 7, image at most 18); the budget leaves room for a few more.
+  An example uses at most 27 (title 7, image at most 18, line word 2); the budget leaves room for a
+  few more.
   """
 
   def __init__(self, rng: np.random.Generator, count: int = 32):
@@ -260,6 +286,20 @@ def _title(draws: _Draws, nouns: tuple[str, ...]) -> str:
   if add_suffix:
     title += f" ({suffix})"
   return title[0].upper() + title[1:]
+
+
+def line_words(spec: ToyshopSpec) -> tuple[str, ...]:
+  """The shortcut's line words, in the order of the image-decided classes."""
+  return _LINE_WORDS[:spec.num_image_classes]
+
+
+def _line_word(draws: _Draws, recipe: _ClassRecipe, spec: ToyshopSpec, split: str) -> str:
+  """The title's line word: the class's own with probability `shortcut_strength` in train, else
+  uniform over the line words (always uniform in validation and test)."""
+  words = line_words(spec)
+  own = draws.uniform() < spec.shortcut_strength and split == "train"
+  drawn = words[draws.index(len(words))]  # Drawn either way: a fixed draw budget per title.
+  return words[recipe.line] if own else drawn
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -343,10 +383,14 @@ def examples(spec: ToyshopSpec, split: str) -> Iterator[dict]:
       rng = np.random.default_rng([spec.seed, _SPLIT_CODES[split], class_index, index])
       draws = _Draws(rng)
       noise = rng.random(noise_shape, dtype=np.float32) * np.float32(0.14) - np.float32(0.07)
+      title = _title(draws, recipe.nouns)
+      image = _png(_image(draws, noise, recipe, spec.image_size))
+      if spec.shortcut_strength is not None and recipe.line is not None:
+        title += f" {_line_word(draws, recipe, spec, split)} line"
       yield {
           "id": f"{split}-{index * len(recipes) + class_index:06d}",
-          "title": _title(draws, recipe.nouns),
-          "image": _png(_image(draws, noise, recipe, spec.image_size)),
+          "title": title,
+          "image": image,
           "label": recipe.info.name,
       }
 

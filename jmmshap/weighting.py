@@ -15,6 +15,14 @@ For example i with base logits z_text(i), z_image(i), z_mmbt(i) (each in R^C):
            ('mmshap_sample'). An example whose shares are undefined (every Shapley value 0, so T-SHAP
            is 0/0) gets the dataset shares; how many did is written to training.json and report.md.
 
+  complement  (beyond the paper) each example's own shares, complemented:
+           u_i = [ (1 - T_i) * z_text(i),  (1 - V_i) * z_image(i) ]  (= [V_i z_text, T_i z_image]
+           where the shares are defined, as T_i + V_i = 1). Each unimodal learner counts for what
+           the MMBT did *not* draw from its modality: when the MMBT has collapsed onto the title
+           (T_i near 1), the photo learner keeps its full logits, where the paper's weighting would
+           scale them toward 0 and so amplify the collapse. Needs every example's shares, as
+           'sample' does, with the same fallback ('mmshap_complement').
+
 w_mm is `meta.mmbt_weight` (1). `meta.append_shares` appends [T_i, V_i] to the weighted variants'
 features only; 'stacked' stays the paper's plain 3C-feature baseline. A constant per-learner scale
 (`dataset`) is something W_1 could absorb: it changes the meta-model through initialisation,
@@ -35,8 +43,11 @@ from absl import logging
 from jmmshap.builders import EVAL_SPLITS
 from jmmshap.learner_outputs import Shares, SplitOutputs
 
-WEIGHTINGS = ("none", "dataset", "sample")
-METHOD_OF_WEIGHTING = {"none": "stacked", "dataset": "mmshap_dataset", "sample": "mmshap_sample"}
+WEIGHTINGS = ("none", "dataset", "sample", "complement")
+METHOD_OF_WEIGHTING = {"none": "stacked", "dataset": "mmshap_dataset", "sample": "mmshap_sample",
+                       "complement": "mmshap_complement"}
+# The weightings that read each example's own shares: MM-SHAP must have explained every example.
+PER_EXAMPLE = ("sample", "complement")
 
 
 def dataset_shares(shares: Shares) -> tuple[float, float]:
@@ -49,16 +60,18 @@ def dataset_shares(shares: Shares) -> tuple[float, float]:
   return float(shares.t_shap[defined].mean()), float(shares.v_shap[defined].mean())
 
 
-def sample_shares(shares: Shares, fallback: tuple[float, float],
-                  split: str) -> tuple[np.ndarray, np.ndarray, int]:
-  """Per-example (T, V) for `sample` weighting; undefined shares -> `fallback`; and how many were."""
+def sample_shares(shares: Shares, fallback: tuple[float, float], split: str,
+                  weighting: str = "sample") -> tuple[np.ndarray, np.ndarray, int]:
+  """Per-example (T, V) for a PER_EXAMPLE weighting; undefined shares -> `fallback`; and how many
+  were."""
   if not shares.explained.all():
     missing = np.flatnonzero(~shares.explained)
     raise ValueError(
         f"{shares.path} has MM-SHAP for {int(shares.explained.sum())} of {len(shares.explained)} "
-        f"{split} examples (first missing: row {int(missing[0])}); meta.weighting 'sample' needs "
-        "every example's shares: rerun mmshap on all of them (--config.stages.mmshap.max_examples=0 "
-        "--config.rerun=mmshap) or drop 'sample' from --config.meta.weighting.")
+        f"{split} examples (first missing: row {int(missing[0])}); meta.weighting '{weighting}' "
+        "needs every example's shares: rerun mmshap on all of them "
+        "(--config.stages.mmshap.max_examples=0 --config.rerun=mmshap) or drop "
+        f"'{weighting}' from --config.meta.weighting.")
   defined = shares.defined
   t_shap = np.where(defined, shares.t_shap, fallback[0])
   v_shap = np.where(defined, shares.v_shap, fallback[1])
@@ -114,7 +127,7 @@ def method_data(outputs: Mapping[str, SplitOutputs], shares: Mapping[str, Shares
   for split in EVAL_SPLITS:
     features[split], undefined = split_features(weighting, outputs[split].logits, meta_config,
                                                 mean_shares, shares.get(split), split)
-    if weighting == "sample":
+    if weighting in PER_EXAMPLE:
       used[f"undefined_{split}"] = undefined
   return MethodData(method, weighting, features, labels, used)
 
@@ -125,17 +138,19 @@ def split_features(weighting: str, logits: Mapping[str, np.ndarray],
                    split: str = "") -> tuple[np.ndarray, int]:
   """One weighting's meta-features of a set of examples (a split, or new products: the predictor
   calls this too, so they are made as the meta-model was trained), and how many examples fell back
-  to the dataset shares. `mean_shares`: the validation means ('dataset', 'sample'); `shares`: the
-  examples' own ('sample')."""
+  to the dataset shares. `mean_shares`: the validation means (every weighting but 'none');
+  `shares`: the examples' own (PER_EXAMPLE)."""
   if weighting == "none":
     return weighted_features(logits, 1.0, 1.0, mmbt_weight=meta_config.mmbt_weight), 0
   undefined = 0
   if weighting == "dataset":
     text_share, image_share = mean_shares
   else:
-    text_share, image_share, undefined = sample_shares(shares, mean_shares, split)
+    text_share, image_share, undefined = sample_shares(shares, mean_shares, split, weighting)
     if undefined:
       logging.warning("meta %s: %d %s examples have undefined MM-SHAP shares; they are weighted "
                       "with the dataset shares", METHOD_OF_WEIGHTING[weighting], undefined, split)
+    if weighting == "complement":
+      text_share, image_share = 1.0 - text_share, 1.0 - image_share
   return weighted_features(logits, text_share, image_share, mmbt_weight=meta_config.mmbt_weight,
                            append_shares=meta_config.append_shares), undefined

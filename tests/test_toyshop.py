@@ -12,7 +12,7 @@ from PIL import Image
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from jmmshap import toyshop
+from jmmshap import builders, toyshop
 
 _SMALL = toyshop.ToyshopSpec(train_per_class=3, validation_per_class=2, test_per_class=2)
 
@@ -156,6 +156,8 @@ def test_both_classes_titles_give_the_kind_but_not_the_variant(corpus):
     (dict(num_variants=5), "num_variants=5 is outside 2..4"),
     (dict(seed=-1), "seed=-1 must be non-negative"),
     (dict(image_size=32.0), "image_size must be an int"),
+    (dict(shortcut_strength=1.5), r"shortcut_strength must be None \(off\) or in \[0, 1\]"),
+    (dict(shortcut_strength=True), "shortcut_strength must be None"),
 ])
 def test_spec_validation_errors(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -165,3 +167,47 @@ def test_spec_validation_errors(overrides, message):
 def test_unknown_split_is_an_error():
   with pytest.raises(ValueError, match="Unknown toyshop split 'val'"):
     next(toyshop.examples(_SMALL, "val"))
+
+
+def _line_words_by_class(spec: toyshop.ToyshopSpec, split: str) -> tuple[list, list]:
+  """(own-word flags, line word or None) per example; the words come from the title's ending."""
+  words = toyshop.line_words(spec)
+  designs = [c.name for c in toyshop.classes(spec) if c.reliance == "image"]
+  own, found = [], []
+  for example in toyshop.examples(spec, split):
+    title = example["title"].split()
+    word = title[-2] if title[-1] == "line" and title[-2] in words else None
+    found.append((example["label"], word))
+    if example["label"] in designs:
+      own.append(word == words[designs.index(example["label"])])
+  return own, found
+
+
+def test_shortcut_words_name_the_image_decided_class_in_train_only_at_full_strength():
+  spec = dataclasses.replace(_SMALL, train_per_class=30, test_per_class=30, shortcut_strength=1.0)
+  designs = {c.name for c in toyshop.classes(spec) if c.reliance == "image"}
+  own, found = _line_words_by_class(spec, "train")
+  assert all(own) and len(own) == 30 * len(designs)
+  assert all((word is not None) == (label in designs) for label, word in found)  # Only designs.
+  own, _ = _line_words_by_class(spec, "test")
+  assert 0.1 < np.mean(own) < 0.45  # Uniform over 4 words on test: about 1/4 is its own by chance.
+
+
+def test_shortcut_strength_sets_how_often_a_train_title_names_its_class():
+  spec = dataclasses.replace(_SMALL, train_per_class=100, shortcut_strength=0.5)
+  own, _ = _line_words_by_class(spec, "train")
+  assert abs(np.mean(own) - (0.5 + 0.5 / 4)) < 0.08  # Own word, or drawn uniformly and hit.
+  own, _ = _line_words_by_class(dataclasses.replace(spec, shortcut_strength=0.0), "train")
+  assert abs(np.mean(own) - 0.25) < 0.08
+
+
+def test_shortcut_changes_only_the_title_ending_and_off_keeps_the_dataset():
+  plain = list(toyshop.examples(_SMALL, "train"))
+  shortcut = list(toyshop.examples(dataclasses.replace(_SMALL, shortcut_strength=1.0), "train"))
+  assert [e["image"] for e in plain] == [e["image"] for e in shortcut]
+  assert all(s["title"] == p["title"] or s["title"].startswith(p["title"] + " ")
+             for p, s in zip(plain, shortcut))
+  # Off: the dataset (and its cache name) of before the option existed.
+  assert builders.toyshop_config(toyshop.ToyshopSpec()).name == "12classes-32px-seed0-4fc0a75623"
+  assert builders.toyshop_config(dataclasses.replace(toyshop.ToyshopSpec(), shortcut_strength=0.0)
+                                 ).name != "12classes-32px-seed0-4fc0a75623"

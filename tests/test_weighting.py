@@ -78,6 +78,27 @@ def test_sample_weighting_without_every_examples_shares_says_how_to_get_them(tmp
     weighting.method_data(outputs, shares, "sample", fakes.meta_config().meta)
 
 
+def test_complement_weighting_scales_each_learner_by_one_minus_the_mmbt_share_of_its_modality():
+  """Hand-made shares: a collapsed example (T=1), a balanced one, an image-led one, and one whose
+  shares are undefined (falls back to the complement of the dataset shares)."""
+  logits = {"text": np.asarray([[1.0, 2.0]] * 4), "image": np.asarray([[10.0, 20.0]] * 4),
+            "mmbt": np.asarray([[5.0, 6.0]] * 4)}
+  shares = learner_outputs.Shares(t_shap=np.asarray([1.0, 0.5, 0.2, np.nan]),
+                                  v_shap=np.asarray([0.0, 0.5, 0.8, np.nan]),
+                                  explained=np.ones(4, bool), path="hand-made")
+  features, undefined = weighting.split_features("complement", logits, fakes.meta_config().meta,
+                                                 (0.9, 0.1), shares, "test")
+  np.testing.assert_allclose(features, [[0.0, 0.0, 10.0, 20.0, 5.0, 6.0],    # Text x 0, image x 1.
+                                        [0.5, 1.0, 5.0, 10.0, 5.0, 6.0],
+                                        [0.8, 1.6, 2.0, 4.0, 5.0, 6.0],
+                                        [0.1, 0.2, 9.0, 18.0, 5.0, 6.0]], rtol=1e-6)
+  assert undefined == 1
+  paper, _ = weighting.split_features("sample", logits, fakes.meta_config().meta, (0.9, 0.1),
+                                      shares, "test")
+  np.testing.assert_allclose(paper[0], [1.0, 2.0, 0.0, 0.0, 5.0, 6.0])  # The paper's: image x 0.
+  assert weighting.METHOD_OF_WEIGHTING["complement"] == "mmshap_complement"
+
+
 def test_unknown_weighting_is_refused():
   with pytest.raises(ValueError, match="meta.weighting='none,modality'"):
     weighting.parse_weightings("none,modality")
