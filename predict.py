@@ -48,8 +48,9 @@ _ON_BAD_ROW = flags.DEFINE_enum("on_bad_row", "error", ["error", "skip"], "A bad
 _NO_EXPLAIN = flags.DEFINE_boolean("no_explain", False, "Skip MM-SHAP: no mmshap_sample, no "
                                    "explanations; the ensemble uses dataset weighting.")
 _METHOD = flags.DEFINE_string("method", predictor_lib.AUTO, "The ensemble method of the "
-                              "prediction column and the top classes (auto: mmshap_sample when "
-                              "explained, else mmshap_dataset, else stacked).")
+                              "prediction column and the top classes (auto: the best by "
+                              "validation macro F1, as the meta stage chose it in "
+                              "W/meta/selection.json; summary.json says which and why).")
 _TOP_K = flags.DEFINE_integer("top_k", 3, "Top classes per product.")
 _MAX_CARDS = flags.DEFINE_integer("max_cards", 200, "Products with an explanation card and PNG "
                                   "(the first ones; 0: all).")

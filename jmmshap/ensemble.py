@@ -2,8 +2,21 @@
 
 Methods (`W/meta/metrics.json`): each base learner alone (text, image, mmbt), `average` (the mean
 of their softmax outputs), and one meta-MLP per `meta.weighting` (`weighting.py`): stacked,
-mmshap_dataset, mmshap_sample, mmshap_complement. The meta-MLPs train on validation (`meta.py`); every number is on test.
+mmshap_dataset, mmshap_sample, mmshap_complement. The meta-MLPs train on validation (`meta.py`);
+every number is on test.
 `predictions_test.npz` keeps every method's test probabilities by example id.
+
+Predict's default method ('auto', `W/meta/selection.json`): the method with the best validation
+macro F1, as AutoGluon picks its best model. Each is scored on examples it was not trained on: the
+learners and `average` on all of validation (they trained on train only), each meta-MLP out of fold
+(`meta.cross_fit`: each validation example predicted by the member that held it out). Neither score
+is quite unbiased: a learner's checkpoint was picked by its validation macro F1, and with early
+stopping a member's stopping step by its fold. Early stopping without cross-fit scores a meta-MLP on
+a fraction of validation, which is not compared with scores on all of it. Without out-of-fold
+scores (`meta.cross_fit=0`, the paper's single MLP) the fixed `PREFERENCE` decides, as predict did
+before the selection; it also breaks ties. The predictor reads the file (`read_selection`) and takes
+the first method of its ranking that its predictions have (`auto_method`).
+
 The pipeline (`pipeline.py`) has run the upstream stages before this one reads their outputs.
 """
 
@@ -11,7 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -21,6 +35,15 @@ from jmmshap import config_checks, learner_outputs, meta, metrics, report, weigh
 from jmmshap.builders import EVAL_SPLITS
 
 STAGE = "meta"
+# Ties in the selection, and the whole rule without out-of-fold scores: the meta-models (the
+# order of the fixed preference predict used before the selection), then the learners' mean, then
+# the learners.
+PREFERENCE = ("mmshap_sample", "mmshap_dataset", "mmshap_complement", "stacked", "average", "mmbt",
+              "text", "image")
+SELECTION_METRIC = "f1_macro"
+VALIDATION, OUT_OF_FOLD = "validation", "out-of-fold"  # What a method's selection score is on.
+BEST_RULE = (f"best validation macro F1 (the learners and average on validation, the meta-models "
+             f"out of fold); ties: the first of {', '.join(PREFERENCE)}")
 
 
 def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -98,6 +121,76 @@ def _validation_scores(member_probabilities: np.ndarray, labels: np.ndarray,
           **metrics.classification_metrics(labels[rows], predictions, num_classes)}
 
 
+def selection_scores(outputs: learner_outputs.SplitOutputs,
+                     training: Mapping[str, dict]) -> tuple[dict[str, float], dict[str, str]]:
+  """(method -> validation macro F1, method -> what it was scored on) of every method scored on
+  examples it did not train on (module docstring); a meta-model's held-out score counts only when it
+  covers every validation example (cross-fit)."""
+  labels = outputs.labels
+  scores, scored_on = {}, {}
+  for method, probabilities in learner_probabilities(outputs.logits).items():
+    scores[method] = metrics.classification_metrics(
+        labels, probabilities.argmax(-1), outputs.num_classes)[SELECTION_METRIC]
+    scored_on[method] = VALIDATION
+  for method, info in training.items():
+    held_out = info.get("held_out_validation")
+    if held_out and held_out["examples"] == len(labels):
+      scores[method], scored_on[method] = held_out[SELECTION_METRIC], OUT_OF_FOLD
+  return scores, scored_on
+
+
+def select_method(methods: Sequence[str], scores: Mapping[str, float],
+                  scored_on: Mapping[str, str], unscored_reason: str) -> dict[str, Any]:
+  """selection.json: predict's default method and its evidence. The best score wins (ties: the
+  first in PREFERENCE); where a method has no score (`unscored_reason` says why), the scores do not
+  compare every method and PREFERENCE alone ranks them. `ranking`: the order 'auto' walks when
+  predictions lack the chosen method (mmshap_sample without the products' MM-SHAP)."""
+  order = {method: (PREFERENCE.index(method) if method in PREFERENCE else len(PREFERENCE), i)
+           for i, method in enumerate(methods)}
+  unscored = [method for method in methods if method not in scores]
+  if unscored:
+    ranking = sorted(methods, key=order.get)
+    rule = (f"fixed preference {', '.join(ranking)}: no score for {', '.join(unscored)} "
+            f"({unscored_reason})")
+  else:
+    ranking = sorted(methods, key=lambda method: (-scores[method], order[method]))
+    rule = BEST_RULE
+  return {"rule": rule, "metric": SELECTION_METRIC, "scores": dict(scores),
+          "scored_on": dict(scored_on), "chosen": ranking[0], "ranking": ranking}
+
+
+def method_names(weightings: Sequence[str]) -> list[str]:
+  """Every method of the meta stage, in its order: the learners, average, the meta-models."""
+  return [*learner_outputs.LEARNERS, "average",
+          *(weighting.METHOD_OF_WEIGHTING[name] for name in weightings)]
+
+
+def read_selection(directory: str, weightings: Sequence[str]) -> dict[str, Any]:
+  """The meta stage's selection.json in `directory`; for a workdir that predates it, the fixed
+  preference (saying so in its rule)."""
+  path = os.path.join(directory, workdir.SELECTION)
+  if os.path.isfile(path):
+    return workdir.read_json(path)
+  return select_method(method_names(weightings), {}, {},
+                       f"{path} not found: the meta stage ran before predict's selection existed")
+
+
+def auto_method(selection: Mapping[str, Any], available: Collection[str]) -> tuple[str, str | None]:
+  """What 'auto' is for predictions with the `available` methods: the selection's choice, else the
+  first of its ranking they have; and why the choice was passed over (None when it was not)."""
+  method = next((name for name in selection["ranking"] if name in available), None)
+  if method is None:
+    raise ValueError(f"none of the selection's methods ({', '.join(selection['ranking'])}) is "
+                     f"among the predictions' ({', '.join(available)}).")
+  chosen = selection["chosen"]
+  if method == chosen:
+    return method, None
+  per_example = {weighting.METHOD_OF_WEIGHTING[name] for name in weighting.PER_EXAMPLE}
+  needs = " (it needs the products' MM-SHAP)" if chosen in per_example else ""
+  return method, (f"{chosen} is not among these predictions' methods{needs}: {method}, next in "
+                  "the ranking")
+
+
 def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
   """Trains (train mode) or restores (eval mode) every weighting's meta-model; writes the report."""
   meta_config = config.meta
@@ -142,15 +235,18 @@ def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
                                                                num_classes)
                         for method in methods}}
   best = max(methods, key=lambda method: scores["methods"][method]["f1_macro"])
+  selection = select_method(methods, *selection_scores(outputs["validation"], training),
+                            f"meta.cross_fit={meta_config.cross_fit}: no out-of-fold scores")
   learners = {}
   for learner in learner_outputs.LEARNERS:
     saved = workdir.path(root, learner, workdir.CONFIG)
     learners[learner] = report.describe_learner(
         workdir.read_json(saved) if os.path.isfile(saved) else None)
-  report.write(directory, scores, predictions, best, shares, outputs, training, learners)
+  report.write(directory, scores, predictions, best, shares, outputs, training, learners, selection)
   write_test_predictions(directory, outputs["test"], probabilities)
   for method in methods:
     logging.info("meta test %s: %s", method, json.dumps(scores["methods"][method]))
+  logging.info("meta: predict's default method %s (%s)", selection["chosen"], selection["rule"])
   return scores
 
 

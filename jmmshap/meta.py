@@ -9,14 +9,17 @@ on test, which neither the base learners nor the meta-model saw.
 Members, holdouts and cross-fitting. A meta-model is M members trained at once (`jax.vmap` over a
 leading member axis), each on a weighted subset of validation:
 
-  * default: one member trained on all of validation (the paper).
-  * `meta.early_stopping`: one member trained on validation minus a stratified `holdout_fraction`;
-    every `eval_every_steps` its cross-entropy on the held-out part is measured, the params of the
-    lowest one are kept, and training ends after `patience` evaluations without improvement.
-  * `meta.cross_fit = k` (beyond the paper): validation is split into k stratified folds (seeded);
-    member j trains on every fold but j. Fold j is member j's held-out part: its predictions there
-    are out-of-fold, so together they score the meta-model on all of validation without it having
-    seen the scored examples (training.json, report.md), and with early stopping fold j decides
+  * `meta.cross_fit = 0`: one member trained on all of validation (the paper; `,paper` and
+    `,meta_paper` in configs/meta.py).
+  * `meta.early_stopping` with `cross_fit = 0`: one member trained on validation minus a stratified
+    `holdout_fraction`; every `eval_every_steps` its cross-entropy on the held-out part is
+    measured, the params of the lowest one are kept, and training ends after `patience`
+    evaluations without improvement.
+  * `meta.cross_fit = k` (beyond the paper; 5 by default): validation is split into k stratified
+    folds (seeded); member j trains on every fold but j. Fold j is member j's held-out part: its
+    predictions there are out-of-fold, so together they score the meta-model on all of validation
+    without it having seen the scored examples (training.json, report.md; the scores that choose
+    predict's default method, `ensemble.select_method`), and with early stopping fold j decides
     member j's stopping point (which makes that score slightly optimistic). Test probabilities are
     the mean of the k members' softmax outputs.
 

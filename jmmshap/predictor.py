@@ -17,8 +17,11 @@ batch, the logits are gathered in input order), its own MM-SHAP shares by
 above it), the meta-features by `weighting.split_features`. So the test split, given as new
 products, gets the probabilities the meta stage reported for it (tests/test_predict.py).
 
-The ensemble's class (`Predictions.method`, 'auto'): mmshap_sample when the products were
-explained, else mmshap_dataset, else stacked, of those the workdir trained.
+The ensemble's class (`Predictions.method`, 'auto'): the method the meta stage chose by its
+validation macro F1, out of fold for the meta-models (W/meta/selection.json, `ensemble.py`); where
+the predictions lack it (mmshap_sample or mmshap_complement, products not explained), the next of
+its ranking. Without out-of-fold scores (`meta.cross_fit=0`), or in a workdir older than the
+selection, the fixed `ensemble.PREFERENCE`. summary.json names the method and why.
 
 `predict_to_folder` (predict.py) goes through a catalogue a chunk of products at a time (photos
 read for the chunk, every model run on it, its rows appended to the output files: `OutputFolder`),
@@ -54,7 +57,6 @@ from jmmshap.products import Columns, Products
 
 LEARNERS = learner_outputs.LEARNERS
 AUTO = "auto"
-ENSEMBLE_PREFERENCE = ("mmshap_sample", "mmshap_dataset", "stacked")
 PRODUCTS_SPLIT = "products"  # How new products are named in progress bars and messages.
 DEFAULT_CHUNK_SIZE = 4096  # Products per chunk of `predict_to_folder` (predict.py --chunk_size).
 CONSTANT_ARRAYS = ("class_names",)  # mmshap.npz arrays that are not one row per product.
@@ -250,9 +252,11 @@ class Predictor:
                meta_models: dict[str, Any], mean_shares: tuple[float, float] | None,
                mmshap_config: ml_collections.ConfigDict, explainer: mmshap.Explainer,
                class_names: tuple[str, ...],
-               region_boxes: Callable[[int], list[tuple[float, float, float, float]]]):
-    """region_boxes(n): the photo fractions of a product's n image players."""
-    self.root, self.config = root, config
+               region_boxes: Callable[[int], list[tuple[float, float, float, float]]],
+               selection: dict[str, Any]):
+    """region_boxes(n): the photo fractions of a product's n image players; selection: the meta
+    stage's choice of 'auto' (`ensemble.read_selection`)."""
+    self.root, self.config, self.selection = root, config, selection
     self.learners, self.batch_sizes = learners, batch_sizes
     self.meta_models, self.mean_shares = meta_models, mean_shares
     self.mmshap_config, self.explainer = mmshap_config, explainer
@@ -321,7 +325,8 @@ class Predictor:
                  len(class_names), devices, ", ".join(weighting.METHOD_OF_WEIGHTING[w]
                                                        for w in weightings))
     return cls(root, config, learners, batch_sizes, meta_models, mean_shares, mmshap_config,
-               explainer, tuple(class_names), boxes)
+               explainer, tuple(class_names), boxes,
+               ensemble.read_selection(os.path.join(root, output_dir), weightings))
 
   # ------------------------------------------------------------------------------------------------
   # Reading products.
@@ -361,7 +366,8 @@ class Predictor:
               columns: Columns | None = None, image_dir: str | None = None,
               on_bad_row: str = "error") -> Predictions:
     """Every learner's and every meta-model's probabilities for the products, in input order; with
-    `explain` each product's own MM-SHAP (needed by mmshap_sample), without it no mmshap_sample.
+    `explain` each product's own MM-SHAP (needed by mmshap_sample and mmshap_complement), without
+    it neither.
 
     source: as `read` takes it. method: the ensemble method of the headline class ('auto': see
     the module docstring).
@@ -420,7 +426,7 @@ class Predictor:
       probabilities[weighting.METHOD_OF_WEIGHTING[name]] = predict(features).mean(axis=0)
     timings["meta_s"] = time.perf_counter() - started
     if method == AUTO:
-      method = next(m for m in ENSEMBLE_PREFERENCE if m in probabilities)
+      method, _ = ensemble.auto_method(self.selection, probabilities)
     elif method not in probabilities:
       raise ValueError(f"method={method!r}: these predictions have {', '.join(probabilities)}.")
     return Predictions(products, self.class_names, probabilities, method, shapley, timings)
@@ -487,12 +493,20 @@ class Predictor:
     options = dataclasses.asdict(self.explainer.options)
     return {"workdir": os.path.abspath(self.root), "source": products.source, "products": count,
             "skipped": len(products.bad_rows), "method": method, "methods": methods,
+            "method_selection": self.method_selection(methods),
             "class_names": list(self.class_names), "explained": explained,
             "mmshap": {**options, "target": self.mmshap_config.target,
                        "text_masking": self.explainer_masking[0],
                        "image_masking": self.explainer_masking[1]},
             "devices": jax.device_count(), "processes": jax.process_count(),
             "timings": {**timings, "total_s": total, "products_per_s": count / max(total, 1e-9)}}
+
+  def method_selection(self, methods: list[str]) -> dict[str, Any]:
+    """What 'auto' is for predictions with `methods`, and the meta stage's evidence for it."""
+    auto, passed_over = ensemble.auto_method(self.selection, methods)
+    return {"auto": auto, "chosen_in_workdir": self.selection["chosen"], "passed_over": passed_over,
+            **{key: self.selection[key] for key in ("rule", "metric", "scores", "scored_on",
+                                                    "ranking")}}
 
   @property
   def explainer_masking(self) -> tuple[str, str]:

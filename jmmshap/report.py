@@ -1,7 +1,9 @@
 """The meta stage's report: Table II and what stands behind it (`W/meta/`).
 
-metrics.json (test metrics per method), training.json (how each meta-model was trained), report.md
-(Table II, the MMBT's MM-SHAP shares per class, per-class F1, meta-model training),
+metrics.json (test metrics per method), training.json (how each meta-model was trained),
+selection.json (predict's default method, `ensemble.select_method`), report.md (Table II, that
+method and its validation scores, the MMBT's MM-SHAP shares per class, per-class F1, meta-model
+training),
 confusion_matrix.png (best method) and per_class_f1.png (base learners, stacking and the best).
 """
 
@@ -52,10 +54,25 @@ def describe_learner(config: Mapping[str, Any] | None) -> str:
   return tower(model, config.get("init_from"))
 
 
+def _selection_lines(selection: Mapping[str, Any]) -> list[str]:
+  """Predict's default method, why, and the validation scores behind it (best first)."""
+  lines = ["## Predict's default method", "",
+           f"predict's default method ('auto'): **{selection['chosen']}**, by {selection['rule']}.",
+           ""]
+  scored = [method for method in selection["ranking"] if method in selection["scores"]]
+  if scored:
+    lines += ["| method | validation macro F1 | scored on |", "| --- | ---: | --- |"]
+    lines += [f"| {method} | {selection['scores'][method]:.4f} | {selection['scored_on'][method]} |"
+              for method in scored]
+    lines.append("")
+  return lines
+
+
 def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
                   shares: Mapping[str, Shares] | None, outputs: Mapping[str, SplitOutputs],
                   training: Mapping[str, dict], best: str,
-                  learners: Mapping[str, str] | None = None) -> str:
+                  learners: Mapping[str, str] | None = None,
+                  selection: Mapping[str, Any] | None = None) -> str:
   """report.md: Table II, the base learners, the MM-SHAP summary, per-class F1 and how each
   meta-model was trained."""
   class_names = outputs["test"].class_names
@@ -74,6 +91,8 @@ def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
             "MM-SHAP-weighted logits (dataset means / each example's own shares); "
             "mmshap_complement: each unimodal learner weighted by 1 - the MMBT's share of its "
             "modality (jmmshap/weighting.py).", ""]
+  if selection:
+    lines += _selection_lines(selection)
   if learners:
     lines += ["## Base learners", ""]
     lines += [f"- {name}: {description}" for name, description in learners.items()]
@@ -120,7 +139,8 @@ def render_report(report: dict, per_class_f1: Mapping[str, np.ndarray],
 
 def write(directory: str, report: dict, predictions: Mapping[str, np.ndarray], best: str,
           shares: Mapping[str, Shares] | None, outputs: Mapping[str, SplitOutputs],
-          training: Mapping[str, dict], learners: Mapping[str, str] | None = None) -> None:
+          training: Mapping[str, dict], learners: Mapping[str, str] | None = None,
+          selection: Mapping[str, Any] | None = None) -> None:
   """Every report file of the meta stage (process 0 only)."""
   if not workdir.is_writer():
     return
@@ -129,6 +149,8 @@ def write(directory: str, report: dict, predictions: Mapping[str, np.ndarray], b
   test_labels = outputs["test"].labels
   workdir.write_json(os.path.join(directory, workdir.METRICS), report)
   workdir.write_json(os.path.join(directory, workdir.TRAINING), training)
+  if selection is not None:
+    workdir.write_json(os.path.join(directory, workdir.SELECTION), selection)
   plots.confusion_matrix(
       metrics.confusion_matrix(test_labels, predictions[best], num_classes), class_names,
       os.path.join(directory, "confusion_matrix.png"), f"{best} (test)")
@@ -139,4 +161,4 @@ def write(directory: str, report: dict, predictions: Mapping[str, np.ndarray], b
                      os.path.join(directory, "per_class_f1.png"), "per-class F1 (test)")
   workdir.write_text(os.path.join(directory, workdir.REPORT),
                      render_report(report, per_class_f1, shares, outputs, training, best,
-                                   learners))
+                                   learners, selection))

@@ -13,6 +13,7 @@ Every module asks here where a stage's files are; none spells another stage's fi
     metrics.json         {"validation": {...}, "test": {...}} (meta: {"methods": {...}})
     logits_{split}.npz   logits, labels, ids, class_names (classifier stages)
     predictions_test.npz every method's test probabilities by id (meta)
+    selection.json       predict's default method and its validation scores (meta)
     mmshap_{split}.npz   per-example MM-SHAP (the mmshap stage), summary.json
     export/              the vision tower as a Hugging Face folder (clip_pretrain; image: the
                          image learner's best model, for an MMBT on its tower)
@@ -63,6 +64,7 @@ LOCK = ".lock"
 TRAINING = "training.json"
 REPORT = "report.md"
 PREDICTIONS_TEST = "predictions_test.npz"  # The meta stage's test probabilities, per method.
+SELECTION = "selection.json"  # The meta stage's choice of predict's default method ('auto').
 
 # What the predictor (`jmmshap/predictor.py`, predict.py) writes into its output folder.
 PREDICTIONS = "predictions.csv"

@@ -66,8 +66,8 @@ def with_overrides(config: ml_collections.ConfigDict,
 class Tiny:
   """Tiny toyshop configs of every stage; `overrides` (dotted keys) go on top."""
 
-  # The session's tiny main job (`tiny_main_job`): meta early stopping, so held-out predictions are
-  # made too.
+  # The session's tiny main job (`tiny_main_job`): cross-fit meta-models (the config's default:
+  # out-of-fold scores, from which predict's 'auto' is chosen) with early stopping on each fold.
   MAIN_JOB = {"meta.early_stopping": True}
 
   @staticmethod

@@ -137,9 +137,10 @@ def fake_workdir(root, *, per_class=(6, 5), seed=0, mmbt_classes=(0, 1, 2, 3)):
 
 
 def meta_config(**meta_overrides):
+  """The toyshop meta config, small; one member per meta-model (cross_fit=0) unless overridden."""
   config = meta_configs.get_config("toyshop")
   config.meta.update(hidden_size=16, num_steps=40, eval_every_steps=20, checkpoint_every_steps=20,
-                     log_every_steps=10)
+                     log_every_steps=10, cross_fit=0)
   config.meta.update(meta_overrides)
   return config
 

@@ -54,6 +54,8 @@ def test_meta_config_loads_in_every_variant_with_one_shared_data_config(variant)
   if variant.endswith("paper"):
     assert (config.meta.optimizer.name, config.meta.optimizer.learning_rate,
             config.meta.num_steps, config.meta.hidden_size) == ("sgd", 1e-4, 50_000, 512)
+  # Out-of-fold scores for predict's 'auto' by default; the paper's single meta-MLP has none.
+  assert config.meta.cross_fit == (0 if variant.endswith("paper") else 5)
   with pytest.raises(ValueError, match="unknown option"):
     meta.get_config("toyshop,huge")
 
@@ -75,3 +77,4 @@ def test_the_paper_preset_sets_every_stage_from_three_checkpoints():
   assert stages.mmbt.init_from_image == "/models/clip"
   assert stages.image.init_from == common.PAPER_IMAGE_CHECKPOINT
   assert meta.get_config("toyshop,meta_paper").stages.text.init_from is None
+  assert meta.get_config("toyshop,meta_paper").meta.cross_fit == 0

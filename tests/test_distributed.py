@@ -254,7 +254,7 @@ def test_meta_stage_on_two_processes_reports_as_one_process(main_jobs):
   single, multi, _ = main_jobs
   ours, theirs = (os.path.join(workdir, "meta") for workdir in (multi, single))
   assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))  # No partial files either.
-  for name in ("metrics.json", "training.json", "report.md"):
+  for name in ("metrics.json", "training.json", "selection.json", "report.md"):
     with open(os.path.join(ours, name)) as a, open(os.path.join(theirs, name)) as b:
       assert a.read() == b.read(), name
   for method in ("stacked", "mmshap_dataset", "mmshap_sample"):

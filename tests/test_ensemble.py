@@ -181,3 +181,116 @@ def test_cross_fit_reports_the_member_mean_on_test_and_out_of_fold_members_on_va
     held_out = json.load(f)["stacked"]["held_out_validation"]
   assert held_out["examples"] == len(validation.labels)
   assert held_out["accuracy"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Predict's default method ('auto'): the best validation macro F1, out of fold for the meta-models.
+
+
+def _write_validation_logits(workdir, right):
+  """Each learner's validation logits: sure of the true class where right[learner], else of the
+  same wrong class (so their average is wrong there too)."""
+  validation = learner_outputs.load_base_outputs(workdir, "validation")
+  labels = validation.labels
+  for learner, rows in right.items():
+    predicted = np.where(rows, labels, (labels + 1) % 4)
+    fakes.write_logits(workdir, learner, "validation", 10 * np.eye(4)[predicted], labels,
+                       validation.ids)
+
+
+def _designed_meta_models(monkeypatch, workdir, config, wrong_every):
+  """meta.restore replaced by members with designed outputs (nothing trained): on validation each
+  method's member is right on the examples it holds out but every `wrong_every[method]`-th (None:
+  all of them) and wrong on the rest; on test every member is right. Returns the validation labels
+  and each method's out-of-fold predictions."""
+  validation, test = (learner_outputs.load_base_outputs(workdir, split) for split in EVAL_SPLITS)
+  labels = validation.labels
+  _, holdout = meta.member_masks(labels, config.meta, config.seed)
+  rows = np.arange(len(labels))
+  right = {method: holdout & (rows % every != 0 if every else True)
+           for method, every in wrong_every.items()}
+  test_right = np.ones((len(holdout), len(test.labels)), bool)
+
+  def restore(data, *args, **kwargs):
+    outputs = {len(labels): _designed_members(labels, right[data.method]),
+               len(test.labels): _designed_members(test.labels, test_right)}
+    return (lambda features: outputs[len(features)],
+            {"step": 40, "kept_step": [40] * len(holdout)})
+
+  monkeypatch.setattr(meta, "restore", restore)
+  out_of_fold = {method: np.where(mask.any(axis=0), labels, (labels + 1) % 4)
+                 for method, mask in right.items()}
+  return labels, out_of_fold
+
+
+def _selection(workdir):
+  with open(os.path.join(workdir, "meta", "selection.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("winner", ["stacked", "mmbt"])
+def test_auto_is_the_method_with_the_best_validation_score_out_of_fold_for_the_meta_models(
+    tmp_path, monkeypatch, winner):
+  """A meta-model (stacked) or a learner (mmbt) is alone at the top of validation macro F1;
+  mmshap_sample, the old fixed choice, is the worst meta-model."""
+  workdir = fakes.fake_workdir(str(tmp_path))
+  config = _cross_fit_config("eval")
+  rows = np.arange(24)
+  _write_validation_logits(workdir, {"text": rows % 2 == 0, "image": rows % 2 == 0,
+                                     "mmbt": rows < 24 if winner == "mmbt" else rows % 2 == 0})
+  labels, out_of_fold = _designed_meta_models(
+      monkeypatch, workdir, config,
+      {"stacked": None if winner == "stacked" else 4, "mmshap_dataset": 3, "mmshap_sample": 2})
+  ensemble.evaluate_methods(workdir, config)
+
+  selection = _selection(workdir)
+  validation = learner_outputs.load_base_outputs(workdir, "validation")
+  predicted = {name: p.argmax(-1)
+               for name, p in ensemble.learner_probabilities(validation.logits).items()}
+  expected = {method: metrics.classification_metrics(labels, predicted, 4)["f1_macro"]
+              for method, predicted in {**predicted, **out_of_fold}.items()}
+  assert selection["scores"] == pytest.approx(expected)
+  assert selection["scored_on"] == {**{m: "validation" for m in predicted},
+                                    **{m: "out-of-fold" for m in out_of_fold}}
+  scores = selection["scores"]
+  assert sorted(scores.values())[-2] < scores[winner] == max(scores.values())  # Alone at the top.
+  assert scores["mmshap_sample"] < scores["mmshap_dataset"]
+  assert selection["chosen"] == selection["ranking"][0] == winner
+  assert [scores[m] for m in selection["ranking"]] == sorted(scores.values(), reverse=True)
+  assert selection["rule"] == ensemble.BEST_RULE
+  with open(os.path.join(workdir, "meta", "report.md")) as f:
+    assert f"predict's default method ('auto'): **{winner}**" in f.read()
+
+
+def test_without_out_of_fold_scores_auto_follows_the_fixed_preference(tmp_path, monkeypatch):
+  """Early stopping alone scores a meta-model on its holdout, a fifth of validation: not compared
+  with the learners' scores on all of it, even where it is the best (stacked, right on all)."""
+  workdir = fakes.fake_workdir(str(tmp_path))
+  config = fakes.meta_config(early_stopping=True)
+  config.mode = "eval"
+  _designed_meta_models(monkeypatch, workdir, config,
+                        {"stacked": None, "mmshap_dataset": 3, "mmshap_sample": 2})
+  ensemble.evaluate_methods(workdir, config)
+  with open(os.path.join(workdir, "meta", "training.json")) as f:
+    held_out = json.load(f)["stacked"]["held_out_validation"]
+  assert held_out["f1_macro"] == 1.0 and held_out["examples"] < 24
+  selection = _selection(workdir)
+  assert selection["chosen"] == "mmshap_sample"
+  assert selection["ranking"] == list(ensemble.PREFERENCE)
+  assert selection["rule"].startswith("fixed preference mmshap_sample, mmshap_dataset, stacked")
+  assert "meta.cross_fit=0: no out-of-fold scores" in selection["rule"]
+  assert set(selection["scores"]) == {"text", "image", "mmbt", "average"}  # On validation.
+
+
+def test_ties_go_to_the_first_in_the_preference_and_a_missing_choice_to_the_next_in_the_ranking():
+  methods = ensemble.method_names(["none", "dataset", "sample"])
+  scores = {**dict.fromkeys(methods, 0.5), "text": 0.9, "stacked": 0.9, "mmshap_dataset": 0.9}
+  selection = ensemble.select_method(methods, scores, {}, "")
+  assert selection["ranking"] == ["mmshap_dataset", "stacked", "text", "mmshap_sample", "average",
+                                  "mmbt", "image"]
+  assert ensemble.auto_method(selection, methods) == ("mmshap_dataset", None)
+  selection = ensemble.select_method(methods, {**scores, "mmshap_sample": 1.0}, {}, "")
+  assert ensemble.auto_method(selection, methods) == ("mmshap_sample", None)
+  unexplained = [m for m in methods if m != "mmshap_sample"]
+  method, why = ensemble.auto_method(selection, unexplained)
+  assert method == "mmshap_dataset" and "needs the products' MM-SHAP" in why

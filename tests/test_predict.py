@@ -16,8 +16,8 @@ import pytest
 import train_subprocess
 from PIL import Image
 
-from jmmshap import (builders, catalog, classifier, explanations, input_pipeline, pipeline,
-                     predictor, products, stream_files, toyshop, workdir)
+from jmmshap import (builders, catalog, classifier, ensemble, explanations, input_pipeline,
+                     pipeline, predictor, products, stream_files, toyshop, workdir)
 
 TOLERANCE = 1e-6
 
@@ -66,6 +66,11 @@ def test_split_predictions(loaded, test_split):
   return loaded.predict(test_split)
 
 
+def _selection(root):
+  with open(workdir.path(root, "meta", workdir.SELECTION)) as f:
+    return json.load(f)
+
+
 def _reported(root):
   with np.load(workdir.path(root, "meta", workdir.PREDICTIONS_TEST)) as data:
     return {key: data[key] for key in data.files}
@@ -87,7 +92,7 @@ def test_the_test_split_as_new_products_gets_what_the_meta_stage_reported(job, t
     np.testing.assert_array_equal(ours.shapley["ids"], stage["ids"])
     np.testing.assert_allclose(ours.shapley["t_shap"], stage["t_shap"], atol=TOLERANCE)
     np.testing.assert_allclose(ours.shapley["phi"], stage["phi"], atol=TOLERANCE)
-  assert ours.method == "mmshap_sample"
+  assert ours.method == _selection(job[0])["chosen"]  # Explained: every method is there.
 
 
 def test_labelled_input_through_the_command_reproduces_the_stages_test_metrics(job, loaded,
@@ -140,7 +145,8 @@ def test_new_products_keep_their_ids_and_order_whatever_the_input_order(loaded, 
   assert list(frame.columns) == first.table(top_k=2)[0]
   np.testing.assert_allclose(frame["mmshap_sample_probability"],
                              first.probabilities["mmshap_sample"].max(-1))
-  np.testing.assert_allclose(loaded.predict_proba(reverse), second.probabilities["mmshap_sample"])
+  np.testing.assert_allclose(loaded.predict_proba(reverse),
+                             second.probabilities[loaded.selection["chosen"]])
 
 
 def test_one_product_handed_over_in_memory_is_classified_as_in_a_batch(loaded, new_products):
@@ -160,7 +166,7 @@ def test_without_explanations_dataset_weighting_is_unchanged_and_sample_weightin
     loaded, test_split, test_split_predictions, tmp_path):
   quick = loaded.predict(test_split, explain=False)
   assert "mmshap_sample" not in quick.probabilities and quick.shapley is None
-  assert quick.method == "mmshap_dataset"
+  assert quick.method == next(m for m in loaded.selection["ranking"] if m != "mmshap_sample")
   for method in quick.probabilities:
     np.testing.assert_allclose(quick.probabilities[method],
                                test_split_predictions.probabilities[method], atol=TOLERANCE)
@@ -169,6 +175,72 @@ def test_without_explanations_dataset_weighting_is_unchanged_and_sample_weightin
     rows = list(csv.DictReader(f))
   assert rows[0]["t_shap"] == "" and "mmshap_sample_class" not in rows[0]
   assert not (tmp_path / workdir.EXPLANATIONS_HTML).exists()
+
+
+def test_auto_is_the_method_with_the_best_out_of_fold_score_and_summary_json_says_so(
+    job, loaded, test_split_predictions):
+  """The tiny main job cross-fits its meta-models (the config's default), so its selection ranks
+  every method by validation macro F1, the meta-models' out of fold (training.json)."""
+  selection = _selection(job[0])
+  assert loaded.selection == selection and selection["rule"] == ensemble.BEST_RULE
+  with open(workdir.path(job[0], "meta", workdir.TRAINING)) as f:
+    training = json.load(f)
+  scores = selection["scores"]
+  for method in ("stacked", "mmshap_dataset", "mmshap_sample"):
+    assert selection["scored_on"][method] == "out-of-fold"
+    assert scores[method] == training[method]["held_out_validation"]["f1_macro"]
+  best = max(scores.values())
+  assert selection["chosen"] == next(m for m in ensemble.PREFERENCE if scores[m] == best)
+  ours = test_split_predictions
+  summary = loaded.summary(ours.products, len(ours.products), ours.method,
+                           list(ours.probabilities), True, ours.timings)
+  assert summary["method"] == selection["chosen"]
+  assert summary["method_selection"] == {
+      "auto": selection["chosen"], "chosen_in_workdir": selection["chosen"], "passed_over": None,
+      **{key: selection[key] for key in ("rule", "metric", "scores", "scored_on", "ranking")}}
+
+
+def _designed_selection(**scores):
+  """A selection over the tiny main job's methods by the given scores (the rest 0.1)."""
+  methods = ensemble.method_names(["none", "dataset", "sample"])
+  return ensemble.select_method(methods, {**dict.fromkeys(methods, 0.1), **scores},
+                                dict.fromkeys(methods, "out-of-fold"), "")
+
+
+def test_auto_follows_the_workdirs_choice_and_its_ranking_where_the_choice_is_missing(
+    loaded, new_products, tmp_path, monkeypatch):
+  """Designed selections: stacked best (not mmshap_sample, though the explained products have it);
+  then mmshap_sample best and the mmbt next, so unexplained products get the mmbt, which no fixed
+  preference would give."""
+  monkeypatch.setattr(loaded, "selection", _designed_selection(stacked=0.9, mmshap_sample=0.8))
+  explained = loaded.predict(new_products)
+  assert "mmshap_sample" in explained.probabilities and explained.method == "stacked"
+  monkeypatch.setattr(loaded, "selection", _designed_selection(mmshap_sample=0.9, mmbt=0.8))
+  quick = loaded.predict(new_products, explain=False)
+  assert quick.method == "mmbt"
+  np.testing.assert_array_equal(quick.classes(), explained.classes("mmbt"))
+  summary = loaded.write(quick, str(tmp_path))
+  with open(tmp_path / workdir.SUMMARY) as f:
+    assert json.load(f) == json.loads(json.dumps(summary))
+  assert summary["method"] == "mmbt"
+  choice = summary["method_selection"]
+  assert (choice["auto"], choice["chosen_in_workdir"]) == ("mmbt", "mmshap_sample")
+  assert choice["passed_over"] == ("mmshap_sample is not among these predictions' methods (it "
+                                   "needs the products' MM-SHAP): mmbt, next in the ranking")
+
+
+def test_a_workdir_without_a_selection_keeps_the_fixed_preference(job, tmp_path):
+  """A main job run before the selection existed: mmshap_sample when explained, else
+  mmshap_dataset, as predict chose then; summary.json says why."""
+  older = _farm(job[0], tmp_path / "older", replace=("meta",))
+  os.remove(workdir.path(older, "meta", workdir.SELECTION))
+  loaded = predictor.Predictor.load(older)
+  assert loaded.selection["chosen"] == "mmshap_sample"
+  unexplained = [m for m in loaded.selection["ranking"] if m != "mmshap_sample"]
+  choice = loaded.method_selection(unexplained)
+  assert choice["auto"] == "mmshap_dataset" and choice["scores"] == {}
+  assert choice["rule"].startswith("fixed preference mmshap_sample, mmshap_dataset, stacked")
+  assert "selection.json not found" in choice["rule"]
 
 
 def _write_csv(folder, header, rows):
