@@ -276,7 +276,7 @@ def test_without_out_of_fold_scores_auto_follows_the_fixed_preference(tmp_path, 
   assert held_out["f1_macro"] == 1.0 and held_out["examples"] < 24
   selection = _selection(workdir)
   assert selection["chosen"] == "mmshap_sample"
-  assert selection["ranking"] == list(ensemble.PREFERENCE)
+  assert selection["ranking"] == [m for m in ensemble.PREFERENCE if m != "mmshap_complement"]
   assert selection["rule"].startswith("fixed preference mmshap_sample, mmshap_dataset, stacked")
   assert "meta.cross_fit=0: no out-of-fold scores" in selection["rule"]
   assert set(selection["scores"]) == {"text", "image", "mmbt", "average"}  # On validation.
