@@ -448,6 +448,37 @@ MUTANTS = (
            "classifier.jit_eval_step(graphdef, stage.inputs, mesh, flip)",
            "classifier.jit_eval_step(graphdef, stage.inputs, mesh, False)",
            "The script's flip-averaged rows evaluate the photos alone.", EVAL_OPTIONS),
+    # Issue #29: the collapse benchmark, the compensating weighting and predict's selection.
+    Mutant("complement_weighting_is_the_papers", "jmmshap/weighting.py",
+           "text_share, image_share = 1.0 - text_share, 1.0 - image_share",
+           "text_share, image_share = text_share, image_share",
+           "'complement' scales each learner by the MMBT's share, as the paper's weighting does.",
+           ("tests/test_weighting.py",)),
+    Mutant("shortcut_names_the_class_in_test_too", "jmmshap/toyshop.py",
+           ' and split == "train"', "",
+           "The line word names the class in validation and test too: no collapse, only a shortcut.",
+           ("tests/test_toyshop.py",)),
+    Mutant("shortcut_never_trains", "jmmshap/toyshop.py",
+           "own = draws.uniform() < spec.shortcut_strength", "own = draws.uniform() < 0.0",
+           "Line words are random at every strength: the MMBT never collapses.",
+           ("tests/test_toyshop.py",)),
+    Mutant("paired_test_unpaired", "scripts/collapse_benchmark.py",
+           "test = stats.ttest_rel(values, baseline)", "test = stats.ttest_ind(values, baseline)",
+           "Seeds compared as independent samples: the per-seed pairing is lost.",
+           ("tests/test_collapse_benchmark.py::test_paired_test_over_seeds_pins_t_test_and_exact_sign_"
+            "flip_values",)),
+    Mutant("selection_picks_the_worst", "jmmshap/ensemble.py",
+           "key=lambda method: (-scores[method], order[method])",
+           "key=lambda method: (scores[method], order[method])",
+           "predict's 'auto' takes the lowest validation macro F1.", ENSEMBLE),
+    Mutant("selection_takes_a_partial_holdout", "jmmshap/ensemble.py",
+           'if held_out and held_out["examples"] == len(labels):', "if held_out:",
+           "A meta-model scored on an early-stopping holdout is ranked against scores on all of "
+           "validation.", ENSEMBLE),
+    Mutant("auto_ignores_the_selection", "jmmshap/ensemble.py",
+           'method = next((name for name in selection["ranking"] if name in available), None)',
+           "method = next((name for name in PREFERENCE if name in available), None)",
+           "predict's 'auto' is the fixed preference again, whatever the workdir chose.", ENSEMBLE),
 )
 
 
