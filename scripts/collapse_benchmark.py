@@ -103,9 +103,24 @@ def group_f1(labels: np.ndarray, predictions: np.ndarray,
   return {group: float(f1[reliance == group].mean()) for group in GROUPS if (reliance == group).any()}
 
 
+def line_word_classes(spec: toyshop.ToyshopSpec, split: str) -> dict[str, str]:
+  """Example id -> the image-decided class its title's line word names (image-decided examples
+  only): where a collapsed model looks instead of the photo."""
+  words = toyshop.line_words(spec)
+  designs = [info.name for info in toyshop.classes(spec) if info.reliance == "image"]
+  named = {}
+  for example in toyshop.examples(spec, split):
+    if example["label"] in designs:
+      word = example["title"].split()[-2]
+      named[example["id"]] = designs[words.index(word)]
+  return named
+
+
 def run_record(root: str, spec: toyshop.ToyshopSpec) -> dict[str, Any]:
   """What one finished main job in `root` scored: every method's test macro F1 (overall and per
-  group) and the MMBT's V-SHAP and accuracy per group (by true label)."""
+  group); the MMBT's V-SHAP and accuracy per group (by true label); and on the image-decided
+  products, how often the MMBT and the photo learner predict the class the line word names (chance:
+  1 / the number of image-decided classes)."""
   predictions = np.load(workdir.path(root, "meta", workdir.PREDICTIONS_TEST))
   labels, class_names = predictions["labels"], [str(n) for n in predictions["class_names"]]
   by_name = {info.name: info.reliance for info in toyshop.classes(spec)}
@@ -130,6 +145,13 @@ def run_record(root: str, spec: toyshop.ToyshopSpec) -> dict[str, Any]:
     for name, record in (("mmbt", mmbt), ("image", image)):
       record["accuracy"][group] = float(
           (outputs.logits[name][rows].argmax(-1) == outputs.labels[rows]).mean())
+  if spec.shortcut_strength is not None:
+    named = line_word_classes(spec, "test")
+    rows = np.asarray([example_id in named for example_id in outputs.ids])
+    word_class = np.asarray([class_names.index(named[i]) for i in outputs.ids[rows]])
+    for name, record in (("mmbt", mmbt), ("image", image)):
+      record["follows_line_word"] = float(
+          (outputs.logits[name][rows].argmax(-1) == word_class).mean())
   return {"methods": methods, "mmbt": mmbt, "image_learner": image}
 
 
@@ -189,6 +211,9 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                            for group in GROUPS} for key in ("v_shap", "accuracy")}
   summary["image_learner"] = {"accuracy": {group: _spread([r["image_learner"]["accuracy"][group]
                                                            for r in records]) for group in GROUPS}}
+  for name in ("mmbt", "image_learner"):
+    if all("follows_line_word" in r[name] for r in records):
+      summary[name]["follows_line_word"] = _spread([r[name]["follows_line_word"] for r in records])
   return summary
 
 
@@ -216,15 +241,19 @@ def markdown(result: Mapping[str, Any]) -> str:
               f"{test['mean_difference']:+.4f} | {_p(test['p_t_test'])} | {_p(test['p_sign_flip'])} |")
     lines.append(f"| {method} | {_cell(scores['f1_macro'])} | {groups} | {paired}")
   lines += ["", "The MMBT on the test split, by reliance group (true label): mean V-SHAP and "
-            "accuracy, against the image learner's accuracy.", "",
+            "accuracy; on the image-decided products, how often it predicts the class the line "
+            "word names (chance 1/4), against the image learner's accuracy; then every method's "
+            "mean macro F1.", "",
             "| strength | seeds | MMBT V-SHAP text / image / both | MMBT accuracy text / image / both "
-            "| image learner accuracy, image-decided | " + " | ".join(
-                f"{m}" for m in at["methods"]) + " |", "| ---: |" + " ---: |" * (4 + len(at["methods"]))]
+            "| MMBT follows the word | image learner accuracy, image-decided | " + " | ".join(
+                f"{m}" for m in at["methods"]) + " |", "| ---: |" + " ---: |" * (5 + len(at["methods"]))]
   for strength, summary in result["strengths"].items():
     v_shap = " / ".join(f"{summary['mmbt']['v_shap'][g]['mean']:.3f}" for g in GROUPS)
     accuracy = " / ".join(f"{summary['mmbt']['accuracy'][g]['mean']:.3f}" for g in GROUPS)
+    follows = summary["mmbt"].get("follows_line_word")
     f1 = " | ".join(f"{summary['methods'][m]['f1_macro']['mean']:.4f}" for m in summary["methods"])
     lines.append(f"| {strength} | {len(summary['seeds'])} | {v_shap} | {accuracy} | "
+                 f"{'-' if follows is None else format(follows['mean'], '.3f')} | "
                  f"{summary['image_learner']['accuracy']['image']['mean']:.3f} | {f1} |")
   return "\n".join(lines) + "\n"
 

@@ -83,6 +83,19 @@ def test_group_f1_is_the_mean_f1_of_the_groups_classes_in_the_whole_decision():
       {"text": per_class[:2].mean(), "image": per_class[2], "both": per_class[3]})
 
 
+def test_line_word_classes_name_the_label_in_train_at_full_strength_and_any_design_in_test():
+  spec = toyshop.ToyshopSpec(train_per_class=5, validation_per_class=1, test_per_class=20,
+                             shortcut_strength=1.0)
+  labels = {e["id"]: e["label"] for e in toyshop.examples(spec, "train")}
+  named = collapse.line_word_classes(spec, "train")
+  assert len(named) == 5 * spec.num_image_classes
+  assert all(named[example_id] == labels[example_id] for example_id in named)
+  test_labels = {e["id"]: e["label"] for e in toyshop.examples(spec, "test")}
+  named = collapse.line_word_classes(spec, "test")
+  assert set(named.values()) == {n for n in test_labels.values() if n.startswith("design/")}
+  assert np.mean([named[i] == test_labels[i] for i in named]) < 0.5  # Chance: about 1/4.
+
+
 def test_records_summaries_and_the_written_json_hold_every_field(tiny_main_job, tmp_path):
   root, config = tiny_main_job
   spec = toyshop.ToyshopSpec(**config.data.toyshop.to_dict())
@@ -96,6 +109,7 @@ def test_records_summaries_and_the_written_json_hold_every_field(tiny_main_job, 
   shares = learner_outputs.load_shares(root, outputs)
   image_rows = np.char.startswith(np.asarray(outputs.class_names)[outputs.labels], "design/")
   assert record["mmbt"]["v_shap"]["image"] == pytest.approx(shares.v_shap[image_rows].mean())
+  assert "follows_line_word" not in record["mmbt"]  # No shortcut in the tiny main job's data.
 
   records = []
   for seed, shift in enumerate([0.0, 0.01, 0.03]):
