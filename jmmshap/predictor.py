@@ -36,7 +36,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import time
 import math
 from collections.abc import Callable
@@ -635,8 +634,7 @@ class OutputFolder:
     folder = os.path.join(self.output, workdir.EXPLANATION_PNGS)
     os.makedirs(folder, exist_ok=True)
     for row, card in enumerate(cards):
-      name = f"{row:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', card.id)[:60]}.png"
-      workdir.write_bytes(os.path.join(folder, name), card.png())
+      workdir.write_bytes(os.path.join(folder, explanations.png_name(row, card.id)), card.png())
 
 
 def predict_to_folder(predictor: Predictor, products: Products, output: str, *,
