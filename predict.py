@@ -24,7 +24,7 @@ Several processes (one per host) predict together with the launch flags of train
 
 from absl import app, flags
 
-from jmmshap import launch, parallel, predictor as predictor_lib, products
+from jmmshap import errors, launch, parallel, predictor as predictor_lib, products
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir the main job finished in.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for predictions.csv and the explanations.")
@@ -92,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jmmshap import launch, parallel, pipeline
+from jmmshap import errors, launch, parallel, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:variant].",
                                           lock_config=True)
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -373,8 +373,8 @@ def _toyshop_spec(data_config: ml_collections.ConfigDict) -> toyshop.ToyshopSpec
 def _manual_dir(data_config: ml_collections.ConfigDict, what: str) -> str:
   manual_dir = data_config.get("manual_dir")
   if not manual_dir or not os.path.isdir(manual_dir):
-    raise ValueError(f"data.manual_dir={manual_dir!r} is not a folder; set --config.data.manual_dir "
-                     f"to the folder holding {what}.")
+    raise CsvFormatError(f"data.manual_dir={manual_dir!r} is not a folder; set "
+                         f"--config.data.manual_dir to the folder holding {what}.")
   return os.path.abspath(os.path.expanduser(manual_dir))
 
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from absl import logging
 from PIL import Image
 
-from jmmshap import photo_hashes
+from jmmshap import errors, photo_hashes
 
 SPLITS = ("train", "validation", "test")
 EVAL_SPLITS = ("validation", "test")  # What the learners are evaluated and stacked on.
@@ -36,11 +36,11 @@ FASHION_CSV = "products.csv"
 _PHOTOS_PER_LOOKUP = 16384  # Photos whose digests are looked up (or hashed) at once.
 
 
-class BadRowError(ValueError):
+class BadRowError(ValueError, errors.UserError):
   """A CSV row that cannot become an example, with on_bad_row='error'."""
 
 
-class CsvFormatError(ValueError):
+class CsvFormatError(ValueError, errors.UserError):
   """A CSV that cannot be read at all (missing column, undecodable header, ...): no skip possible."""
 
 

@@ -21,10 +21,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jmmshap import workdir
+from jmmshap import errors, workdir
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ValueError, errors.UserError):
   """A checkpoint written by a model of another shape than the one restoring it."""
 
 
@@ -217,8 +217,8 @@ def restore_best(directory: str, abstract_model: Any) -> tuple[Any, dict]:
   step = best.latest_step()
   if step is None:
     best.close()
-    raise FileNotFoundError(f"{path}: no checkpoint to restore; train the stage first "
-                            "(run without --config.mode=eval).")
+    raise workdir.StageNotTrained(f"{path}: no checkpoint to restore; train the stage first "
+                                  "(run without --config.mode=eval).")
   restored = restore(best, step, path, arrays={"model": abstract_model}, json_items=("metrics",))
   best.close()
   return restored["model"], restored["metrics"]

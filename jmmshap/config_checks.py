@@ -14,13 +14,15 @@ from typing import Any
 
 import ml_collections
 
+from jmmshap import errors
+
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, errors.UserError):
   """A config whose settings cannot work together."""
 
 
@@ -119,6 +121,10 @@ def check_clip_tower(problems: list[str], clip: ml_collections.ConfigDict, image
 
 
 def raise_if_any(stage: str | None, problems: Sequence[str]) -> None:
+  """One problem is one line (the command line prints it as `error: <message>`); several are
+  listed one a line under a count."""
+  if len(problems) == 1:
+    raise ConfigError(f"config.stage={stage!r}: {problems[0]}")
   if problems:
     raise ConfigError(f"config.stage={stage!r}: {len(problems)} setting(s) cannot work:\n  "
                       + "\n  ".join(problems))

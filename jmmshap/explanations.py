@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import html
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -228,6 +229,14 @@ def page(cards: Sequence[Card], heading: str, notes: Sequence[str] = ()) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # PNG.
+
+
+def png_name(row: int, product_id: str) -> str:
+  """A card's PNG file name: its row (unique, in input order) and the first 60 characters of its
+  id, each one other than a letter, digit, '.', '_' or '-' made '_'. Ids come from the user's
+  CSV: none can name a folder, a path outside explanations/ or a hidden file (the row comes first,
+  so '..' is a plain name)."""
+  return f"{row:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', product_id)[:60]}.png"
 
 
 @functools.lru_cache(maxsize=8)

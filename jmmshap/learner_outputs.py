@@ -38,9 +38,9 @@ class SplitOutputs:
 
 def _load_npz(path: str, keys: Sequence[str], stage: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: run the {stage} stage into this workdir first "
-                            f"(python train.py --config=configs/meta.py --workdir=... runs every "
-                            "missing stage).")
+    raise workdir.StageNotTrained(f"{path} not found: run the {stage} stage into this workdir "
+                                  "first (python train.py --config=configs/meta.py --workdir=... "
+                                  "runs every missing stage).")
   try:
     with np.load(path, allow_pickle=False) as data:
       missing = [key for key in keys if key not in data.files]

@@ -449,8 +449,8 @@ def restore(data: MethodData, meta_config: ml_collections.ConfigDict, directory:
   latest = manager.latest_step()
   if latest is None:
     manager.close()
-    raise FileNotFoundError(f"{path}: no meta checkpoint to restore; train the meta stage first "
-                            "(run without --config.mode=eval).")
+    raise workdir.StageNotTrained(f"{path}: no meta checkpoint to restore; train the meta stage "
+                                  "first (run without --config.mode=eval).")
   saved = checkpoints.restore(manager, latest, path, json_items=("spec", "progress"))
   spec, progress = saved["spec"], saved["progress"]
   num_classes = len(class_names)

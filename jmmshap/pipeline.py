@@ -210,8 +210,9 @@ def saved_run_config(config: ml_collections.ConfigDict, root: str,
                else workdir.stage_dir(root, stage.name))
   saved_path = os.path.join(directory, workdir.CONFIG)
   if not os.path.isfile(saved_path):
-    raise FileNotFoundError(f"{saved_path} not found: nothing was trained into {directory} to "
-                            "evaluate; train it first (the same command without --config.mode=eval).")
+    raise workdir.StageNotTrained(
+        f"{saved_path} not found: nothing was trained into {directory} to evaluate; train it "
+        "first (the same command without --config.mode=eval).")
   saved = ml_collections.ConfigDict(workdir.read_json(saved_path))
   flat = workdir.flatten(saved.to_dict())
   contradictions = [
@@ -220,7 +221,7 @@ def saved_run_config(config: ml_collections.ConfigDict, root: str,
       if key != "mode" and not key.endswith(_LOCATIONS) and key in flat
       and _json(value) != _json(flat[key])]
   if contradictions:
-    raise ValueError(
+    raise config_checks.ConfigError(
         f"--config.mode=eval evaluates the run saved in {directory} with its own settings, but "
         f"{'; '.join(contradictions)}: drop those flags, or train with them in another --workdir.")
   saved.mode = "eval"

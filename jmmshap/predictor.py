@@ -36,7 +36,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import time
 import math
 from collections.abc import Callable
@@ -49,9 +48,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jmmshap import (classifier, ensemble, explanations, games, input_pipeline, learner_outputs,
-                     meta, metrics, mmshap, mmshap_stage, pipeline, players, products as products_lib,
-                     stream_files, weighting, workdir)
+from jmmshap import (classifier, ensemble, errors, explanations, games, input_pipeline,
+                     learner_outputs, meta, metrics, mmshap, mmshap_stage, pipeline, players,
+                     products as products_lib, stream_files, weighting, workdir)
 from jmmshap.models import clip_vision, mmbt as mmbt_lib
 from jmmshap.products import Columns, Products
 
@@ -62,8 +61,13 @@ DEFAULT_CHUNK_SIZE = 4096  # Products per chunk of `predict_to_folder` (predict.
 CONSTANT_ARRAYS = ("class_names",)  # mmshap.npz arrays that are not one row per product.
 
 
-class WorkdirNotReady(RuntimeError):
+class WorkdirNotReady(RuntimeError, errors.UserError):
   """A workdir the predictor cannot use as it is: unfinished, or parts built from other inputs."""
+
+
+class CannotPredict(ValueError, errors.UserError):
+  """Products or options the predictor cannot do as asked with: no usable row, no labels where
+  the workdir explains labels, a method it has not."""
 
 
 def main_job_command(root: str, variant: str) -> str:
@@ -378,12 +382,12 @@ class Predictor:
   def check_products(self, products: Products, explain: bool) -> None:
     """Products the predictor can classify (and explain), before any model runs."""
     if not len(products):
-      raise ValueError(f"no products to classify: all {len(products.bad_rows)} rows of "
-                       f"{products.source} are bad (listed in bad_rows.json).")
+      raise CannotPredict(f"no products to classify: all {len(products.bad_rows)} rows of "
+                          f"{products.source} are bad (listed in bad_rows.json).")
     if explain and self.mmshap_config.target == "label" and products.labels is None:
-      raise ValueError("the mmshap stage explained each example's label (target='label'), and these "
-                       "products have none: give labels, or classify without MM-SHAP "
-                       "(explain=False, --no_explain), which uses dataset weighting only.")
+      raise CannotPredict("the mmshap stage explained each example's label (target='label'), and "
+                          "these products have none: give labels, or classify without MM-SHAP "
+                          "(explain=False, --no_explain), which uses dataset weighting only.")
 
   def chunk_rows(self, chunk_size: int) -> int:
     """`chunk_size` rounded up to a multiple of every learner's batch and of MM-SHAP's group of
@@ -428,7 +432,7 @@ class Predictor:
     if method == AUTO:
       method, _ = ensemble.auto_method(self.selection, probabilities)
     elif method not in probabilities:
-      raise ValueError(f"method={method!r}: these predictions have {', '.join(probabilities)}.")
+      raise CannotPredict(f"method={method!r}: these predictions have {', '.join(probabilities)}.")
     return Predictions(products, self.class_names, probabilities, method, shapley, timings)
 
   def predict_proba(self, source: Any, *, method: str = AUTO, explain: bool = True,
@@ -630,8 +634,7 @@ class OutputFolder:
     folder = os.path.join(self.output, workdir.EXPLANATION_PNGS)
     os.makedirs(folder, exist_ok=True)
     for row, card in enumerate(cards):
-      name = f"{row:05d}-{re.sub(r'[^A-Za-z0-9._-]', '_', card.id)[:60]}.png"
-      workdir.write_bytes(os.path.join(folder, name), card.png())
+      workdir.write_bytes(os.path.join(folder, explanations.png_name(row, card.id)), card.png())
 
 
 def predict_to_folder(predictor: Predictor, products: Products, output: str, *,

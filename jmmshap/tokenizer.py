@@ -17,10 +17,15 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.implementations import BertWordPieceTokenizer
 
+from jmmshap import errors
 from jmmshap.models import hf
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 TOKENIZER_FILE = "tokenizer.json"
+
+
+class TokenizerNotFound(FileNotFoundError, errors.UserError):
+  """A checkpoint folder named as a tokenizer holds none."""
 
 
 class TitleTokenizer:
@@ -87,7 +92,7 @@ class TitleTokenizer:
       return cls(tokenizers.Tokenizer.from_file(json_file), max_length)
     vocab_file = os.path.join(path, "vocab.txt")
     if not os.path.isfile(vocab_file):
-      raise FileNotFoundError(
+      raise TokenizerNotFound(
           f"{path}: no tokenizer.json or vocab.txt; point data.tokenizer at a checkpoint folder that has "
           "one, or leave it empty to train a WordPiece vocabulary on the training titles.")
     lowercase = True

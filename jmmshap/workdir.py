@@ -47,6 +47,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jmmshap import errors
 from jmmshap.tokenizer import TOKENIZER_FILE
 
 CONFIG = "config.json"
@@ -222,12 +223,16 @@ def config_differences(root: str, stage: str,
           for key in sorted(set(saved) & set(wanted)) if key != "mode" and saved[key] != wanted[key]]
 
 
+class StageNotTrained(FileNotFoundError, errors.UserError):
+  """A stage that a run reads, or evaluates, was not trained into the workdir (yet)."""
+
+
 def read_config(root: str, stage: str) -> ml_collections.ConfigDict:
   """A stage's saved config.json; a clear error naming what to run when there is none."""
   saved_path = path(root, stage, CONFIG)
   if not os.path.isfile(saved_path):
-    raise FileNotFoundError(f"{saved_path} not found: train the {stage} stage into {root} first "
-                            f"(python train.py --config=configs/{stage}.py --workdir={root}).")
+    raise StageNotTrained(f"{saved_path} not found: train the {stage} stage into {root} first "
+                          f"(python train.py --config=configs/{stage}.py --workdir={root}).")
   return ml_collections.ConfigDict(read_json(saved_path))
 
 
@@ -240,7 +245,7 @@ UNFINGERPRINTED = ("mode", "rerun", "output_dir", "log_every_steps", "keep_check
                    "data.data_dir", "data.manual_dir", "data.worker_count", "data.prepare_workers")
 
 
-class StaleStageError(ValueError):
+class StaleStageError(ValueError, errors.UserError):
   """A stage folder built from other inputs than the ones a run is given now."""
 
 
@@ -360,6 +365,10 @@ def _alive(pid: int) -> bool:
   return True
 
 
+class WorkdirBusy(RuntimeError, errors.UserError):
+  """Another job is writing into the stage folder a run wants to write into."""
+
+
 class StageLock:
   """`directory/.lock` while a job writes into a stage folder: a second job refuses to start there.
 
@@ -415,7 +424,7 @@ class StageLock:
       got = multihost_utils.broadcast_one_to_all(np.int32(problem is None))
       problem = problem or (None if int(got) else f"process 0 could not lock {self.directory}")
     if problem:
-      raise RuntimeError(problem)
+      raise WorkdirBusy(problem)
     self.held = is_writer()
     return self
 

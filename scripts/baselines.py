@@ -41,7 +41,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
-from jmmshap import builders, catalog
+from jmmshap import builders, catalog, errors
 from jmmshap import metrics
 
 try:
@@ -341,4 +341,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from scipy import stats
 
 from configs import meta as meta_configs
-from jmmshap import learner_outputs, metrics, pipeline, toyshop, workdir
+from jmmshap import errors, learner_outputs, metrics, pipeline, toyshop, workdir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -343,4 +343,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["out"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

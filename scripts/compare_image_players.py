@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from jmmshap import metrics, workdir
+from jmmshap import errors, metrics, workdir
 
 SETTINGS = ("image_players", "patch_grid", "text_players", "value", "method", "max_exact_players")
 
@@ -156,4 +156,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -17,7 +17,8 @@ import sys
 
 from flax import nnx
 
-from jmmshap import builders, checkpoints, classifier, parallel, train_lib, workdir
+from jmmshap import (builders, checkpoints, classifier, errors, parallel, train_lib,
+                     workdir)
 from jmmshap.tokenizer import TitleTokenizer
 
 
@@ -94,4 +95,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  errors.exit_on_user_error(main)(sys.argv[1:])

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from jmmshap import toyshop
+from jmmshap import errors, toyshop
 
 COLUMNS = ("id", "text", "label", "split", "image")
 CSV_NAME = "products.csv"
@@ -194,4 +194,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.exit_on_user_error(main)()

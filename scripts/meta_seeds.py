@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jmmshap import pipeline, workdir
+from jmmshap import errors, pipeline, workdir
 
 TABLE_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
 
@@ -67,9 +67,10 @@ def main(argv):
     missing = [stage for stage in pipeline.UPSTREAM if stage in config.stages
                and workdir.missing(root, stage, pipeline.REGISTRY[stage].writes)]
     if missing:
-      raise SystemExit(f"{root}: stages {', '.join(missing)} are not finished; run "
-                       f"`python train.py --config=configs/meta.py:{config.variant} --workdir={root}` "
-                       "first (this script retrains only the meta-models).")
+      raise errors.UserError(
+          f"{root}: stages {', '.join(missing)} are not finished; run `python train.py "
+          f"--config=configs/meta.py:{config.variant} --workdir={root}` first (this script "
+          "retrains only the meta-models).")
     pipeline.run(config, root)
     reports.append(workdir.read_json(os.path.join(root, config.output_dir, workdir.METRICS)))
   summary = aggregate(reports)
@@ -87,4 +88,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "A workdir whose upstream stages are finished.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Meta-model seeds.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

@@ -15,7 +15,7 @@ import dataclasses
 
 from absl import app, flags
 
-from jmmshap import classifier, toyshop, workdir
+from jmmshap import classifier, errors, toyshop, workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A toyshop workdir (its MMBT's spec is used); "
                                "none: the default toyshop spec.")
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

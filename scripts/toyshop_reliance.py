@@ -35,8 +35,8 @@ from absl import app, flags
 import jax
 from flax import nnx
 
-from jmmshap import (builders, classifier, games, input_pipeline, mmshap_stage, toyshop,
-                     workdir)
+from jmmshap import (builders, classifier, errors, games, input_pipeline, mmshap_stage,
+                     toyshop, workdir)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -364,4 +364,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(errors.exit_on_user_error(main))

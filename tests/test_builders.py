@@ -198,7 +198,7 @@ def test_fashion_settings_and_csv_content_name_the_cache(fashion_sample, tmp_pat
 
 
 def test_fashion_without_manual_dir_is_an_error(tmp_path):
-  with pytest.raises(ValueError, match="--config.data.manual_dir"):
+  with pytest.raises(builders.CsvFormatError, match="--config.data.manual_dir"):
     builders.prepare(_fashion_config(tmp_path / "nowhere", tmp_path))
 
 

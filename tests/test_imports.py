@@ -12,7 +12,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = (
     ("models", "models.bert", "models.clip", "models.clip_vision", "models.hf",
      "models.initializers", "models.mmbt", "models.resnet", "shapley", "metrics", "parallel",
-     "photo_hashes", "photos", "plots", "players", "tokenizer", "toyshop", "explanations", "launch"),
+     "photo_hashes", "photos", "plots", "players", "tokenizer", "toyshop", "explanations", "launch",
+     "errors"),
     ("catalog", "preparation", "builders", "input_pipeline", "products"),
     ("config_checks", "workdir", "checkpoints", "stream_files"),
     ("train_lib", "games", "mmshap", "learner_outputs", "weighting"),

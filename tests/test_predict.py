@@ -341,6 +341,18 @@ def test_an_unfinished_or_stale_workdir_is_refused_with_what_to_run(job, tmp_pat
     predictor.Predictor.load(changed)
 
 
+def test_predict_py_on_an_unfinished_workdir_says_what_to_run_in_one_line_with_status_2(tmp_path):
+  root = tmp_path / "w"
+  os.makedirs(root / "text")  # One stage begun, no main job.
+  result = train_subprocess.run_script("predict.py", f"--workdir={root}", f"--input={tmp_path}",
+                                       f"--output={tmp_path / 'out'}")
+  message = train_subprocess.user_error(result)
+  assert message.startswith(f"{root} holds no finished main job ({root / 'meta' / 'config.json'} "
+                            "not found): train it first, e.g. python train.py "
+                            f"--config=configs/meta.py:toyshop --workdir={root}"), message
+  assert not (tmp_path / "out").exists()
+
+
 def test_cards_colour_each_word_and_region_by_its_own_shapley_value(loaded, test_split_predictions):
   ours = test_split_predictions
   cards = loaded.cards(ours, top_k=2, limit=4)

@@ -131,7 +131,7 @@ def test_a_copied_workdir_keeps_its_stages_and_older_absolute_fingerprints_still
 def test_a_lock_refuses_a_live_owner_and_takes_over_a_dead_ones(tmp_path):
   directory = str(tmp_path / "text")
   with workdir.StageLock(directory):
-    with pytest.raises(RuntimeError, match=rf"another job \(process {os.getpid()} on "):
+    with pytest.raises(workdir.WorkdirBusy, match=rf"another job \(process {os.getpid()} on "):
       with workdir.StageLock(directory):
         pass
   assert not os.path.exists(os.path.join(directory, workdir.LOCK))  # Released.

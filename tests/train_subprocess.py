@@ -1,7 +1,8 @@
 """train.py in subprocesses of its own, for what one test process cannot do: several JAX processes,
-and a run killed with SIGKILL.
+a run killed with SIGKILL, and how a command line ends on a user's mistake.
 
-Shared by test_distributed.py and test_crash_resume.py (not a test module itself).
+Shared by test_distributed.py, test_crash_resume.py, test_train.py and test_predict.py (not a test
+module itself).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jmmshap import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "train.py")
@@ -145,6 +148,28 @@ def finish_all(processes: Sequence[subprocess.Popen], timeout: float = TIMEOUT_S
 def finish(process: subprocess.Popen, timeout: float = TIMEOUT_S) -> None:
   """Waits for one training process and fails with the end of its log unless it succeeded."""
   finish_all([process], timeout)
+
+
+def run_script(script: str, *args: str,
+               timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+  """`python <script> <args>` (a path from the repository root) run to its end on one CPU device,
+  its stdout and stderr captured as text."""
+  return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                        env=cpu_env(device_count=1), capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def user_error(result: subprocess.CompletedProcess) -> str:
+  """The message of a command that stopped on a user's mistake, which is what the user sees: exit
+  status 2, no traceback, and `error: <message>` the last line of stderr and its only error line
+  (log lines may come before it). Fails with the end of stderr otherwise."""
+  lines = result.stderr.splitlines()
+  assert (result.returncode == errors.EXIT_STATUS and "Traceback" not in result.stderr and lines
+          and lines[-1].startswith("error: ")
+          and sum(line.startswith("error: ") for line in lines) == 1), (
+              f"{' '.join(result.args)} exited with {result.returncode}; stderr ends:\n"
+              f"{result.stderr[-6000:]}")
+  return lines[-1].removeprefix("error: ")
 
 
 def free_port() -> int:

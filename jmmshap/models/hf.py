@@ -23,8 +23,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from jmmshap import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(ValueError, errors.UserError):
   """A checkpoint that does not fit the model it is loaded into."""
 
 
