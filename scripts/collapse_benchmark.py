@@ -45,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GROUPS = ("text", "image", "both")
+LEARNER_ROWS = ("text", "image", "mmbt", "average")  # Left out of the meta-models' panel.
 BASELINE = "stacked"
 WEIGHTINGS = "none,dataset,sample,complement"
 JSON_NAME, TABLE_NAME, PLOT_NAME = "collapse.json", "collapse.md", "collapse_sweep.png"
@@ -263,30 +264,37 @@ def _p(value: float | None) -> str:
 
 
 def plot(result: Mapping[str, Any], path: str) -> None:
-  """Macro F1 per method (mean, std bars) and the MMBT's image-decided V-SHAP against strength."""
+  """Macro F1 per method (mean, std bars), the meta-models alone on a finer scale, and the MMBT's
+  V-SHAP per group, image-decided accuracy and line-word following against strength."""
   strengths = list(result["strengths"])
   x = [float(s) for s in strengths]
-  figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for method in result["strengths"][strengths[0]]["methods"]:
-    means = [result["strengths"][s]["methods"][method]["f1_macro"]["mean"] for s in strengths]
-    stds = [result["strengths"][s]["methods"][method]["f1_macro"]["std"] for s in strengths]
-    left.errorbar(x, means, yerr=stds, marker="o", capsize=3, label=method)
-  left.set_xlabel("shortcut strength (collapse)")
-  left.set_ylabel("test macro F1 (mean ± std over seeds)")
-  left.legend(fontsize=8)
-  left.grid(alpha=0.3)
+  figure, (every, meta_only, mmbt) = plt.subplots(1, 3, figsize=(17, 4.8))
+  methods = list(result["strengths"][strengths[0]]["methods"])
+  for axes, shown in ((every, methods), (meta_only, [m for m in methods if m not in LEARNER_ROWS])):
+    for method in shown:
+      spreads = [result["strengths"][s]["methods"][method]["f1_macro"] for s in strengths]
+      axes.errorbar(x, [v["mean"] for v in spreads], yerr=[v["std"] for v in spreads], marker="o",
+                    capsize=3, label=method, color=f"C{methods.index(method)}")
+    axes.set_xlabel("shortcut strength (collapse)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+  every.set_ylabel("test macro F1 (mean ± std over seeds)")
+  meta_only.set_title("the meta-models only", fontsize=10)
   for group in GROUPS:
     means = [result["strengths"][s]["mmbt"]["v_shap"][group]["mean"] for s in strengths]
-    right.plot(x, means, marker="o", label=f"V-SHAP, {group}-decided")
+    mmbt.plot(x, means, marker="o", label=f"V-SHAP, {group}-decided")
   means = [result["strengths"][s]["mmbt"]["accuracy"]["image"]["mean"] for s in strengths]
-  right.plot(x, means, marker="s", linestyle="--", label="MMBT accuracy, image-decided")
-  right.set_xlabel("shortcut strength (collapse)")
-  right.set_ylabel("MMBT on test")
-  right.set_ylim(0, 1.05)
-  right.legend(fontsize=8)
-  right.grid(alpha=0.3)
+  mmbt.plot(x, means, marker="s", linestyle="--", label="accuracy, image-decided")
+  if all("follows_line_word" in result["strengths"][s]["mmbt"] for s in strengths):
+    means = [result["strengths"][s]["mmbt"]["follows_line_word"]["mean"] for s in strengths]
+    mmbt.plot(x, means, marker="^", linestyle=":", label="follows the line word, image-decided")
+  mmbt.set_xlabel("shortcut strength (collapse)")
+  mmbt.set_ylabel("the MMBT on test (mean over seeds)")
+  mmbt.set_ylim(0, 1.05)
+  mmbt.legend(fontsize=8)
+  mmbt.grid(alpha=0.3)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  figure.savefig(path, dpi=110)
   plt.close(figure)
 
 
