@@ -409,6 +409,7 @@ def train(data: MethodData, meta_config: ml_collections.ConfigDict, directory: s
                    step, kept_step.tolist())
       break
   bar.close()
+  logger.close()
   manager.wait_until_finished()
   manager.close()
   if workdir.is_writer():

@@ -28,9 +28,10 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jmmshap import (builders, classifier, config_checks, games, input_pipeline, mmshap, parallel,
-                     plots, shapley, workdir)
+                     plots, shapley, tensorboard, workdir)
 
 STAGE = "mmshap"
+T_SHAP_BINS = np.linspace(0, 1, 21)  # The TensorBoard histograms', in 0.05 steps like the PNGs'.
 
 
 def check_config(config: ml_collections.ConfigDict, prefix: str = "", devices: int = 1,
@@ -303,8 +304,9 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
   player_modality, player_names, exact, value_full, value_empty, num_evaluations, class_names),
   summary.json (per split: shares over the split and per true class, counts, exact counts,
   timings, the examples each process explained; with toyshop data each class's designed text
-  share) and, per split,
-  t_shap_histogram_{split}.png and t_shap_per_class_{split}.png. Returns the summary.
+  share), per split t_shap_histogram_{split}.png and t_shap_per_class_{split}.png, and an event
+  file with each split's T-SHAP histogram (`t_shap/{split}`) and mean (`t_shap_mean/{split}`) at
+  step 0, for TensorBoard. Returns the summary.
   """
   mmbt_dir = workdir.stage_dir(root, classifier.MMBT.name)
   if not os.path.isdir(os.path.join(mmbt_dir, workdir.BEST)):
@@ -333,25 +335,31 @@ def run(config: ml_collections.ConfigDict, root: str) -> dict[str, Any]:
       "patch_grid": options.patch_grid, "text_masking": model.config.text_masking,
       "image_masking": model.config.image_masking, "splits": {},
   }
-  for split in config.get("splits", builders.EVAL_SPLITS):
-    arrays, timing = explain_split(explainer, builders.data_source(builder, split), trained.preprocess,
-                                   config=config, class_names=trained.class_names, split=split)
-    split_summary = mmshap.summarize(arrays["t_shap"], arrays["exact"], arrays["labels"],
-                                     trained.class_names, designed)
-    split_summary.update(timing)
-    summary["splits"][split] = split_summary
-    logging.info("mmshap %s: T-SHAP %s over %d examples (%d exact), %.1f examples/s", split,
-                 split_summary["t_shap_mean"], split_summary["count"], split_summary["num_exact"],
-                 timing["examples_per_s"])
-    if workdir.is_writer():
-      workdir.write_atomically(os.path.join(directory, workdir.shares_file(split)),
-                               lambda partial, arrays=arrays: np.savez(partial, **arrays))
-      plots.t_shap_histogram(arrays["t_shap"],
-                             os.path.join(directory, f"t_shap_histogram_{split}.png"),
-                             f"MM-SHAP {split}")
-      plots.t_shap_per_class(split_summary,
-                             os.path.join(directory, f"t_shap_per_class_{split}.png"),
-                             f"MM-SHAP per class, {split}")
+  # Replaces the event file of an earlier run; a split's histogram is written once it is explained.
+  with tensorboard.Events(directory) as events:
+    for split in config.get("splits", builders.EVAL_SPLITS):
+      arrays, timing = explain_split(explainer, builders.data_source(builder, split),
+                                     trained.preprocess, config=config,
+                                     class_names=trained.class_names, split=split)
+      split_summary = mmshap.summarize(arrays["t_shap"], arrays["exact"], arrays["labels"],
+                                       trained.class_names, designed)
+      split_summary.update(timing)
+      summary["splits"][split] = split_summary
+      logging.info("mmshap %s: T-SHAP %s over %d examples (%d exact), %.1f examples/s", split,
+                   split_summary["t_shap_mean"], split_summary["count"], split_summary["num_exact"],
+                   timing["examples_per_s"])
+      if workdir.is_writer():
+        workdir.write_atomically(os.path.join(directory, workdir.shares_file(split)),
+                                 lambda partial, arrays=arrays: np.savez(partial, **arrays))
+        plots.t_shap_histogram(arrays["t_shap"],
+                               os.path.join(directory, f"t_shap_histogram_{split}.png"),
+                               f"MM-SHAP {split}")
+        plots.t_shap_per_class(split_summary,
+                               os.path.join(directory, f"t_shap_per_class_{split}.png"),
+                               f"MM-SHAP per class, {split}")
+      events.histogram(f"t_shap/{split}", arrays["t_shap"], step=0, bins=T_SHAP_BINS)
+      if split_summary["t_shap_mean"] is not None:
+        events.scalar(f"t_shap_mean/{split}", split_summary["t_shap_mean"], step=0)
   if workdir.is_writer():
     workdir.write_json(os.path.join(directory, workdir.SUMMARY), summary)
   workdir.write_fingerprint(root, STAGE, current)

@@ -30,7 +30,7 @@ import optax
 from absl import logging
 from tqdm.auto import tqdm
 
-from jmmshap import checkpoints, input_pipeline, parallel, plots, workdir
+from jmmshap import checkpoints, input_pipeline, parallel, plots, tensorboard, workdir
 
 # (params, model state or None, batch) -> (loss, (step metrics, new model state or None)).
 LossFn = Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, tuple[dict, Any]]]
@@ -172,11 +172,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 
 class Logger:
-  """log.jsonl records (process 0 only), kept in memory too for the curves."""
+  """log.jsonl records (process 0 only), kept in memory too for the curves, and the same numbers
+  as TensorBoard scalars in the folder's event file (`tensorboard.Events`)."""
 
   def __init__(self, path: str):
     self.path = path
     self.records = []
+    # Opened by the first write, from the records kept so far: the event file always holds what
+    # log.jsonl does, and a finished stage's folder, which writes nothing, is left as it is.
+    self.events: tensorboard.Events | None = None
     if os.path.isfile(path):
       with open(path) as f:
         lines = [line for line in f if line.strip()]
@@ -192,15 +196,25 @@ class Logger:
   def write(self, record: dict) -> None:
     if not workdir.is_writer():
       return
+    if self.events is None:
+      self.events = tensorboard.Events(os.path.dirname(self.path), self.records)
     self.records.append(record)
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    self.events.log(record)
 
   def truncate_after(self, step: int) -> None:
     """A resumed run drops what its killed predecessor logged past the checkpoint it restarts from."""
+    self.close()  # The next write replaces the event file with the records kept.
     self.records = [r for r in self.records if r.get("step", 0) <= step]
     if workdir.is_writer() and os.path.isfile(self.path):
       workdir.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+  def close(self) -> None:
+    """Closes the event file (a later write opens a new one, from every record)."""
+    if self.events is not None:
+      self.events.close()
+      self.events = None
 
 
 def step_plan(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int, int, int]:
@@ -255,8 +269,8 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
   the state through `evaluated_model`, which gives the moving average where `config.ema_decay` > 0
   keeps one (in the train state, so in every checkpoint). `preprocess` turns records into host
   batches in grain's workers (`data.worker_count`); `prepare_batch` finishes them on the device
-  (`make_train_step`). Writes config.json, log.jsonl, the checkpoints (each with grain's iterator
-  state) and the training curves.
+  (`make_train_step`). Writes config.json, log.jsonl (and its TensorBoard event file), the
+  checkpoints (each with grain's iterator state) and the training curves.
   """
   replicated, batch_sharding = parallel.replicated(mesh), parallel.data_sharded(mesh)
   parallel.check_batch_size(config.batch_size)
@@ -266,7 +280,7 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
   state = parallel.replicate(initial_state(config, params, model_state, optimizer), mesh)
 
   store = checkpoints.StageCheckpoints(directory, config.get("keep_checkpoints", 2))
-  batches = None
+  batches = logger = None
   try:
     start_step = store.latest_step()
     logger = Logger(os.path.join(directory, workdir.LOG))
@@ -327,6 +341,8 @@ def fit(config: ml_collections.ConfigDict, directory: str, name: str, *, params:
   finally:
     if batches is not None:
       batches.close()  # Stops grain's workers and prefetch thread, on errors too.
+    if logger is not None:
+      logger.close()
     store.close()
 
 

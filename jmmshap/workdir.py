@@ -8,6 +8,7 @@ Every module asks here where a stage's files are; none spells another stage's fi
     tokenizer.json       the title tokenizer the stage trained with (stages that read titles)
     log.jsonl            one record per log interval and per evaluation
     loss.png, accuracy.png   training curves
+    events.out.tfevents.*    the same curves for TensorBoard (`tensorboard.py`; mmshap: histograms)
     checkpoints/         latest Orbax train states (resume)
     best/                the model selected on validation (eval, later stages)
     metrics.json         {"validation": {...}, "test": {...}} (meta: {"methods": {...}})

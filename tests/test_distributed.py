@@ -7,6 +7,7 @@ import os
 import re
 import zipfile
 
+import event_files
 import jax
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_reports_are_written_once(two_runs):
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
   stage = os.path.join(multi, "text")
   assert not [name for name in os.listdir(stage) if ".partial-" in name]
+  # One event file (named with its process id: a second writer would add one), log.jsonl's numbers.
+  assert event_files.scalars(event_files.only(stage)) == event_files.logged(logs[0])
   with open(os.path.join(stage, "metrics.json")) as f:
     assert set(json.load(f)) == {"validation", "test"}
 
@@ -248,6 +251,9 @@ def test_each_process_explains_half_of_each_split(main_jobs):
     summary = json.load(open(os.path.join(workdir, mmshap_stage.STAGE, "summary.json")))
     for split in ("validation", "test"):
       assert summary["splits"][split]["examples_per_process"] == shares
+  histograms = event_files.histograms(event_files.only(os.path.join(multi, mmshap_stage.STAGE)))
+  assert {key: [h.num for h in found] for key, found in histograms.items()} == {
+      ("t_shap/validation", 0): [24], ("t_shap/test", 0): [24]}  # Process 0's, of every example.
 
 
 def test_meta_stage_on_two_processes_reports_as_one_process(main_jobs):
@@ -260,7 +266,10 @@ def test_meta_stage_on_two_processes_reports_as_one_process(main_jobs):
   for method in ("stacked", "mmshap_dataset", "mmshap_sample"):
     with open(os.path.join(ours, method, "log.jsonl")) as a, \
         open(os.path.join(theirs, method, "log.jsonl")) as b:
-      assert a.read() == b.read(), method  # Logged once, by process 0: the same losses.
+      log = a.read()
+      assert log == b.read(), method  # Logged once, by process 0: the same losses.
+    written = event_files.scalars(event_files.only(os.path.join(ours, method)))  # One writer.
+    assert written == event_files.logged(map(json.loads, log.splitlines())), method
   with np.load(os.path.join(ours, "predictions_test.npz")) as a, \
       np.load(os.path.join(theirs, "predictions_test.npz")) as b:
     for key in b.files:

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import event_files
 import fakes
 from jmmshap import meta, weighting
 
@@ -104,3 +105,16 @@ def test_restore_predicts_with_exactly_the_kept_params_not_the_last_ones(early_s
   last = _mlp_probabilities(directory, progress["step"], features)
   assert np.abs(kept - last).max() > 1e-2  # The two are distinguishable.
   np.testing.assert_allclose(members[0], kept, rtol=1e-4, atol=1e-6)
+
+
+def test_the_event_file_holds_the_train_and_held_out_curves_of_the_log(early_stopped):
+  """`tensorboard --logdir W` shows each meta-MLP's curves: log.jsonl's train loss, accuracy and
+  learning rate, and the held-out loss and accuracy of every evaluation, at their steps."""
+  directory, _, _, _, held_out = early_stopped
+  with open(os.path.join(directory, "log.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  written = event_files.scalars(event_files.only(directory))
+  assert written == event_files.logged(records)
+  assert {"train/loss", "train/accuracy", "train/learning_rate", "validation/loss",
+          "validation/accuracy"} == {tag for tag, _ in written}
+  assert {step for tag, step in written if tag == "validation/loss"} == set(held_out)

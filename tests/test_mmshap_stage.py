@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import event_files
 import numpy as np
 import pytest
 from tqdm.auto import tqdm
@@ -89,6 +90,25 @@ def test_stage_writes_npz_summary_and_plots(stage):
     assert {c["designed_text_share"] for c in per_class} == {0.0, 0.5, 1.0}
     for name in (f"t_shap_histogram_{split}.png", f"t_shap_per_class_{split}.png"):
       assert os.path.getsize(os.path.join(directory, name)) > 0
+
+
+def test_event_file_holds_each_splits_t_shap_histogram_and_mean(stage):
+  """For TensorBoard: per split, the histogram of every explained example's T-SHAP and the
+  split's mean, at step 0, in one event file."""
+  workdir, summary = stage
+  directory = os.path.join(workdir, "mmshap")
+  events = event_files.only(directory)
+  histograms, scalars = event_files.histograms(events), event_files.scalars(events)
+  assert set(histograms) == {("t_shap/validation", 0), ("t_shap/test", 0)}
+  for split in ("validation", "test"):
+    t_shap = np.load(os.path.join(directory, f"mmshap_{split}.npz"))["t_shap"]
+    split_summary = summary["splits"][split]
+    (histogram,) = histograms[(f"t_shap/{split}", 0)]
+    assert histogram.num == sum(histogram.bucket) == len(t_shap) == split_summary["count"] == 24
+    assert histogram.sum == pytest.approx(t_shap.sum())
+    assert (histogram.min, histogram.max) == pytest.approx((t_shap.min(), t_shap.max()))
+    assert scalars[(f"t_shap_mean/{split}", 0)] == [pytest.approx(split_summary["t_shap_mean"],
+                                                                  rel=1e-6)]
 
 
 def test_title_decided_classes_get_higher_t_shap_than_image_decided_ones(stage):

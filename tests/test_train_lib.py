@@ -14,6 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import event_files
 import fakes
 from configs import text as text_config
 from jmmshap import checkpoints, metrics, pipeline, train_lib
@@ -64,6 +65,22 @@ def test_text_stage_writes_metrics_logits_curves_and_log(trained):
     assert os.path.getsize(os.path.join(stage, name)) > 0
 
 
+def _log(stage: str) -> list[dict]:
+  with open(os.path.join(stage, "log.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_the_stage_event_file_holds_the_logged_scalars_at_their_steps(trained):
+  """`tensorboard --logdir W` shows log.jsonl: every number of every record, at its step, once."""
+  _, _, workdir, _ = trained
+  stage = os.path.join(workdir, "text")
+  written = event_files.scalars(event_files.only(stage))
+  assert written == event_files.logged(_log(stage))
+  assert {"train/loss", "train/accuracy", "train/learning_rate", "train/examples_per_sec",
+          "validation/loss", "validation/accuracy", "validation/f1_macro"} <= {t for t, _ in written}
+  assert sorted(step for tag, step in written if tag == "validation/f1_macro") == [3, 6]
+
+
 def test_resumed_run_ends_with_the_same_params_as_an_uninterrupted_one(trained):
   config, root, workdir, report = trained
   resumed = str(root / "resumed")
@@ -79,6 +96,8 @@ def test_resumed_run_ends_with_the_same_params_as_an_uninterrupted_one(trained):
   with open(os.path.join(stage, "log.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f if '"train"' in line]
   assert steps == [2, 4, 6]  # Nothing logged twice.
+  # One event file, holding what log.jsonl holds: the killed run's steps 4 and 6 replaced.
+  assert event_files.scalars(event_files.only(stage)) == event_files.logged(_log(stage))
 
 
 def test_eval_mode_restores_the_best_checkpoint_and_reproduces_metrics(trained):
