@@ -555,7 +555,7 @@ def check_vocabulary(config: ml_collections.ConfigDict, tokenizer: TitleTokenize
     return
   problem = pretrained.vocabulary_problem(config.stage, tokenizer.vocab_size, model.vocab_size)
   if problem:
-    raise ValueError(problem)
+    raise config_checks.ConfigError(problem)
 
 
 def fingerprint(config: ml_collections.ConfigDict, root: str,

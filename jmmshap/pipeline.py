@@ -2,8 +2,9 @@
 
 `STAGES` is the one list of stages. A stage is a module with `run(config, workdir)` and
 `check_config(...)`, one entry here and one config file, `configs/<name>.py`. `run(config, workdir)`
-is what `train.py` calls: it checks the whole config first (every problem listed at once), then runs
-the config's stage; for the main job (`meta`) it first runs the upstream stages that are missing.
+is what `train.py` calls: it checks the whole config, and every pretrained checkpoint its stages
+will read (`pretrained.py`), first (every problem listed at once), then runs the config's stage;
+for the main job (`meta`) it first runs the upstream stages that are missing.
 
 Reuse. Every stage records what it was built from (`workdir.fingerprint`: its settings, the
 prepared dataset's identity, the class names, the runs of the stages it read). A finished upstream
