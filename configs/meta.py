@@ -75,11 +75,8 @@ def _share_data(config: ml_collections.ConfigDict, stage: ml_collections.ConfigD
 
 
 # The checkpoints the stages start from, set once at the top (`--config.text_checkpoint=...`):
-# stage field <- top-level field.
-CHECKPOINT_LINKS = (("text", "init_from", "text_checkpoint"),
-                    ("mmbt", "init_from_text", "text_checkpoint"),
-                    ("image", "init_from", "image_checkpoint"),
-                    ("mmbt", "init_from_image", "clip_checkpoint"))
+# stage field <- top-level field (the pipeline names a checkpoint's problems by these flags).
+CHECKPOINT_LINKS = pipeline.CHECKPOINT_FLAGS
 
 
 def _link_checkpoints(config: ml_collections.ConfigDict) -> None:

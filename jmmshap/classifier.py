@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from jmmshap import (builders, checkpoints, config_checks, input_pipeline, metrics, models, parallel,
-                     photos, train_lib, workdir)
+                     photos, pretrained, train_lib, workdir)
 from jmmshap.models import bert, clip_vision, hf, mmbt, resnet
 from jmmshap.tokenizer import TitleTokenizer
 
@@ -88,8 +88,9 @@ def build_text_model(config: ml_collections.ConfigDict, num_classes: int,
 
 
 IMAGE_KINDS = ("resnet", "clip")  # The image learner's architectures (`model.kind`).
-# The checkpoint model types each kind starts from (`init_from`).
-_IMAGE_CHECKPOINTS = {"resnet": ("resnet",), "clip": ("clip", "clip_vision_model")}
+# The checkpoint model types each kind (the image learner's `model.kind`, the MMBT's
+# `model.image_tower`) starts from.
+_IMAGE_CHECKPOINTS = {"resnet": pretrained.RESNET, "clip": pretrained.CLIP}
 
 
 def image_kind(config: ml_collections.ConfigDict) -> str:
@@ -170,24 +171,65 @@ MMBT = ClassifierStage(
 CLASSIFIERS = {stage.name: stage for stage in (TEXT, IMAGE, MMBT)}
 
 
+def _other_image_kinds(setting: str, kind: str) -> dict[str, str]:
+  """Checkpoint model type -> the image architecture setting that builds on it, for another kind."""
+  return {model_type: f"{setting}={other!r}" for other, types in _IMAGE_CHECKPOINTS.items()
+          if other != kind for model_type in types}
+
+
+def pretrained_checkpoints(config: ml_collections.ConfigDict) -> list[pretrained.Checkpoint]:
+  """The checkpoints a classifier stage starts from, each with the model it must hold: what
+  `effective_config` reads, and what the pipeline checks before any stage runs."""
+  found = []
+  tokenizer = _tokenizer_key(config)
+  if config.stage == TEXT.name and config.get("init_from"):
+    found.append(pretrained.Checkpoint("init_from", "the text learner", pretrained.BERT,
+                                       tokenizer=tokenizer, positions=config.data.max_length))
+  elif config.stage == IMAGE.name and config.get("init_from"):
+    kind = image_kind(config)
+    if kind in _IMAGE_CHECKPOINTS:
+      found.append(pretrained.Checkpoint(
+          "init_from", f"the image learner's model.kind={kind!r}", _IMAGE_CHECKPOINTS[kind],
+          {"image_size": config.data.image_size} if kind == "clip" else {},
+          alternatives=_other_image_kinds("model.kind", kind)))
+  elif config.stage == MMBT.name:
+    if config.get("init_from_text"):
+      found.append(pretrained.Checkpoint(
+          "init_from_text", "the MMBT's text tower", pretrained.BERT,
+          {"num_hidden_layers": config.get("init_from_text_layers") or None}, tokenizer=tokenizer,
+          positions=config.data.max_length))
+    tower = config.model.get("image_tower")
+    if config.get("init_from_image") and tower in _IMAGE_CHECKPOINTS:
+      found.append(pretrained.Checkpoint(
+          "init_from_image", f"the MMBT's image tower (model.image_tower={tower!r})",
+          _IMAGE_CHECKPOINTS[tower],
+          {"image_size": config.data.image_size} if tower == "clip" else {},
+          alternatives=_other_image_kinds("model.image_tower", tower)))
+  if tokenizer and not any(checkpoint.tokenizer for checkpoint in found):
+    found.append(pretrained.Checkpoint(tokenizer, f"the {config.stage} stage's tokenizer",
+                                       tokenizer=tokenizer))
+  return found
+
+
 def effective_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config as the model is built: where a checkpoint decides the architecture, its sizes
   replace the config's model fields (which the checkpoint would override), so that config.json
-  and the fingerprint record the model actually trained."""
+  and the fingerprint record the model actually trained. A checkpoint the stage cannot build on
+  is a CheckpointError naming its setting."""
   config = ml_collections.ConfigDict(config.to_dict())
+  found = {checkpoint.key: pretrained.architecture(config, checkpoint)
+           for checkpoint in pretrained_checkpoints(config) if checkpoint.model_types}
   if config.stage == IMAGE.name:
-    _resolve_image_model(config)
-  elif config.stage == TEXT.name and config.get("init_from"):
-    config.model = models.architecture(config.init_from)
+    _resolve_image_model(config, found.get("init_from"))
+  elif config.stage == TEXT.name and "init_from" in found:
+    config.model = found["init_from"]
   elif config.stage == MMBT.name:
-    if config.get("init_from_text"):
-      config.model.bert = models.architecture(
-          config.init_from_text, num_hidden_layers=config.get("init_from_text_layers") or None)
-    if config.get("init_from_image") and config.model.image_tower == "clip":
-      config.model.clip = models.architecture(config.init_from_image,
-                                              image_size=config.data.image_size)
-    elif config.get("init_from_image") and config.model.image_tower == "resnet":
-      config.model.resnet = models.architecture(config.init_from_image)
+    if "init_from_text" in found:
+      config.model.bert = found["init_from_text"]
+    if "init_from_image" in found and config.model.image_tower == "clip":
+      config.model.clip = found["init_from_image"]
+    elif "init_from_image" in found and config.model.image_tower == "resnet":
+      config.model.resnet = found["init_from_image"]
     _resolve_normalisation(config, clip=config.model.image_tower == "clip")
   return config
 
@@ -203,20 +245,13 @@ def _resolve_normalisation(config: ml_collections.ConfigDict, clip: bool) -> Non
     config.data.image_std = photos.CLIP_STD if clip else photos.IMAGENET_STD
 
 
-def _resolve_image_model(config: ml_collections.ConfigDict) -> None:
-  """The image learner's architecture from its checkpoint (refused when it is not of
-  `model.kind`), and its normalisation: `data.image_mean`/`image_std` left empty take the
-  tower's own (ImageNet's for the ResNet, CLIP's for the CLIP tower)."""
+def _resolve_image_model(config: ml_collections.ConfigDict,
+                         architecture: dict[str, Any] | None) -> None:
+  """The image learner's architecture from its checkpoint's (`architecture`, None: none), and its
+  normalisation: `data.image_mean`/`image_std` left empty take the tower's own (ImageNet's for
+  the ResNet, CLIP's for the CLIP tower)."""
   kind = image_kind(config)
-  if config.get("init_from"):
-    overrides = {"image_size": config.data.image_size} if kind == "clip" else {}
-    architecture = models.architecture(config.init_from, **overrides)
-    if architecture["model_type"] not in _IMAGE_CHECKPOINTS.get(kind, ()):
-      raise ValueError(
-          f"model.kind={kind!r} but init_from={config.init_from!r} holds a "
-          f"{architecture['model_type']!r} model: use model.kind="
-          f"{'clip' if architecture['model_type'] in _IMAGE_CHECKPOINTS['clip'] else 'resnet'!r} "
-          "or another checkpoint.")
+  if architecture is not None:
     if kind == "clip":
       config.model.clip = architecture
     else:
@@ -224,11 +259,21 @@ def _resolve_image_model(config: ml_collections.ConfigDict) -> None:
   _resolve_normalisation(config, clip=kind == "clip")
 
 
+def _tokenizer_key(config: ml_collections.ConfigDict) -> str | None:
+  """The setting naming the folder of a stage's tokenizer: data.tokenizer, else its text
+  checkpoint; None: train one on the titles (a text tower trained from scratch)."""
+  for key in ("data.tokenizer", "init_from_text", *(("init_from",) if config.stage == TEXT.name
+                                                     else ())):
+    if pretrained.value(config, key):
+      return key
+  return None
+
+
 def tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
   """Where a stage's tokenizer comes from: the one named, else its text checkpoint's; None: train
   one on the titles (only for a text tower trained from scratch)."""
-  return config.data.get("tokenizer") or config.get("init_from_text") or (
-      config.get("init_from") if config.stage == TEXT.name else None)
+  key = _tokenizer_key(config)
+  return pretrained.value(config, key) if key else None
 
 
 def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -508,11 +553,9 @@ def check_vocabulary(config: ml_collections.ConfigDict, tokenizer: TitleTokenize
   model = config.model if config.stage == TEXT.name else config.model.get("bert")
   if not (config.get("init_from") or config.get("init_from_text")) or model is None:
     return
-  if tokenizer.vocab_size > model.vocab_size:
-    raise ValueError(
-        f"the {config.stage} stage's tokenizer has {tokenizer.vocab_size} ids but its pretrained "
-        f"text tower's embedding table has {model.vocab_size} rows: use the checkpoint's own "
-        "tokenizer (leave data.tokenizer empty) or one made for that checkpoint.")
+  problem = pretrained.vocabulary_problem(config.stage, tokenizer.vocab_size, model.vocab_size)
+  if problem:
+    raise config_checks.ConfigError(problem)
 
 
 def fingerprint(config: ml_collections.ConfigDict, root: str,

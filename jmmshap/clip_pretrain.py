@@ -40,7 +40,7 @@ from absl import logging
 from flax import nnx
 
 from jmmshap import (builders, checkpoints, classifier, config_checks, input_pipeline, parallel,
-                     train_lib, workdir)
+                     pretrained, train_lib, workdir)
 from jmmshap.models import bert, clip_vision
 from jmmshap.tokenizer import TitleTokenizer
 
@@ -175,6 +175,15 @@ def check_config(config: ml_collections.ConfigDict, prefix: str = "") -> list[st
   problems: list[str] = []
   config_checks.check_clip_tower(problems, config.model.clip, config.data.image_size, prefix)
   return problems
+
+
+def pretrained_checkpoints(config: ml_collections.ConfigDict) -> list[pretrained.Checkpoint]:
+  """The locked text tower (cut to `text_layers`) and the tokenizer its titles are read with."""
+  return [pretrained.Checkpoint(
+      "text_tower", "the locked text tower", pretrained.BERT,
+      {"num_hidden_layers": config.get("text_layers") or None},
+      tokenizer="data.tokenizer" if config.data.get("tokenizer") else "text_tower",
+      positions=config.data.max_length)]
 
 
 def make_loss(graphdef: nnx.GraphDef) -> train_lib.LossFn:

@@ -4,7 +4,8 @@ Each stage module checks its own settings (`check_config` next to the code that 
 pipeline collects every problem of a config, the nested stages of the main job included, into one
 `ConfigError`. Here is what several stages share: the run settings every stage has (mode, dtype,
 batch sizes, optimizer) and the CLIP tower's shape rules. Checks that need data or checkpoints
-(class counts, tensor shapes) stay where those are read.
+(class counts, tensor shapes) stay where those are read; the pretrained checkpoints a stage starts
+from are checked by `pretrained.py`, which the stages read them through.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 `STAGES` is the one list of stages. A stage is a module with `run(config, workdir)` and
 `check_config(...)`, one entry here and one config file, `configs/<name>.py`. `run(config, workdir)`
-is what `train.py` calls: it checks the whole config first (every problem listed at once), then runs
-the config's stage; for the main job (`meta`) it first runs the upstream stages that are missing.
+is what `train.py` calls: it checks the whole config, and every pretrained checkpoint its stages
+will read (`pretrained.py`), first (every problem listed at once), then runs the config's stage;
+for the main job (`meta`) it first runs the upstream stages that are missing.
 
 Reuse. Every stage records what it was built from (`workdir.fingerprint`: its settings, the
 prepared dataset's identity, the class names, the runs of the stages it read). A finished upstream
@@ -29,7 +30,7 @@ import ml_collections
 from absl import logging
 
 from jmmshap import (builders, classifier, clip_pretrain, config_checks, ensemble, mmshap_stage,
-                     workdir)
+                     pretrained, workdir)
 from jmmshap.builders import EVAL_SPLITS
 
 # check(config, prefix, devices, the main job's `stages` or None) -> problems.
@@ -47,6 +48,9 @@ class Stage:
   optional: bool = False  # In the main job only when another stage's `workdir:` path names it.
   # (config, workdir) -> what the stage would be built from now; None: never reused.
   fingerprint: Callable[[ml_collections.ConfigDict, str], dict] | None = None
+  # config -> the pretrained checkpoints it starts from (checked before any stage of a job runs).
+  checkpoints: Callable[[ml_collections.ConfigDict], list[pretrained.Checkpoint]] = (
+      lambda config: [])
 
 
 def _classifier(stage: classifier.ClassifierStage, reads: tuple[str, ...] = (),
@@ -56,7 +60,7 @@ def _classifier(stage: classifier.ClassifierStage, reads: tuple[str, ...] = (),
       lambda config, prefix, devices, siblings: classifier.check_config(config, prefix),
       reads=reads,
       writes=(workdir.METRICS, *(workdir.logits_file(split) for split in EVAL_SPLITS), *writes),
-      fingerprint=classifier.fingerprint)
+      fingerprint=classifier.fingerprint, checkpoints=classifier.pretrained_checkpoints)
 
 
 def _mmshap_check(config, prefix, devices, siblings) -> list[str]:
@@ -71,7 +75,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(clip_pretrain.STAGE, clip_pretrain.run,
           lambda config, prefix, devices, siblings: clip_pretrain.check_config(config, prefix),
           writes=(workdir.METRICS, workdir.EXPORT_WEIGHTS), optional=True,
-          fingerprint=classifier.fingerprint),
+          fingerprint=classifier.fingerprint, checkpoints=clip_pretrain.pretrained_checkpoints),
     # Its export (a HF folder of its tower) is what an MMBT on the image learner's ResNet starts
     # from; a finished folder of an older version without one is evaluated again to write it.
     _classifier(classifier.IMAGE, reads=(clip_pretrain.STAGE,), writes=(workdir.EXPORT_WEIGHTS,)),
@@ -87,6 +91,12 @@ STAGES: tuple[Stage, ...] = (
 REGISTRY = {stage.name: stage for stage in STAGES}
 MAIN_JOB = ensemble.STAGE
 UPSTREAM = tuple(stage.name for stage in STAGES if stage.name != MAIN_JOB)
+# The main job's top-level checkpoint settings (configs/meta.py): each is shared by the stage
+# settings it names, (stage, setting, top-level field).
+CHECKPOINT_FLAGS = (("text", "init_from", "text_checkpoint"),
+                    ("mmbt", "init_from_text", "text_checkpoint"),
+                    ("image", "init_from", "image_checkpoint"),
+                    ("mmbt", "init_from_image", "clip_checkpoint"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,10 +129,83 @@ def _check(problems: list[str], config: ml_collections.ConfigDict, prefix: str, 
       _check(problems, stage_config, f"stages.{stage_name}.", devices, config.stages)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError listing every impossible setting of a config (nested stages included)."""
+def _written_by(value: str, earlier: list[str]) -> str | None:
+  """The earlier stage of the job whose outputs include the `workdir:` path `value`, or None."""
+  stage, _, inside = value[len(workdir.PREFIX):].partition("/")
+  inside = inside.strip("/")
+  if stage not in earlier or not inside:
+    return None
+  written = (name.replace(os.sep, "/") for name in REGISTRY[stage].writes)
+  return stage if any(name == inside or name.startswith(f"{inside}/") for name in written) else None
+
+
+def checkpoint_problems(config: ml_collections.ConfigDict, root: str) -> list[str]:
+  """Every pretrained checkpoint the config's stages will read (the main job's: all of its
+  upstream stages, the reused ones included) that they could not use (`pretrained.problems`),
+  named by their settings. A `workdir:` path that an earlier stage of the job writes is left to it,
+  unless it is there already and that stage is not rerun; any other must exist."""
+  name = config.get("stage")
+  if name not in REGISTRY:
+    return []
+  rerun: set[str] = set()
+  if name != MAIN_JOB:
+    jobs = [(name, config, "")]
+  elif config.get("mode") == "train":  # In eval the main job runs no upstream stage.
+    try:
+      rerun = parse_rerun(config.rerun)
+    except ValueError:
+      return []  # Reported by `_check`.
+    jobs = [(stage, config.stages[stage], f"stages.{stage}.")
+            for stage in main_job_stages(config.stages)]
+  else:
+    return []
+  flags = ({f"stages.{stage}.{key}": field for stage, key, field in CHECKPOINT_FLAGS}
+           if name == MAIN_JOB else {})
+  # (flag, value, problem) -> the settings it was found in: a top-level flag's problem once.
+  found: dict[tuple[str, Any, str], list[str]] = {}
+
+  def report(setting: str, value: Any, problem: str) -> None:
+    found.setdefault((flags.get(setting, setting), value, problem), []).append(setting)
+
+  earlier: list[str] = []
+  for stage, stage_config, prefix in jobs:
+    resolved = workdir.resolve_paths(stage_config, root)
+    skip = set()
+    for key in workdir.CHECKPOINT_KEYS:
+      value = stage_config.get(key)
+      if not (isinstance(value, str) and value.startswith(workdir.PREFIX)):
+        continue
+      writer = _written_by(value, earlier)
+      there = os.path.exists(resolved[key])
+      if writer is not None and (writer in rerun or not there):
+        skip.add(key)
+      elif not there:
+        skip.add(key)
+        report(prefix + key, value, f"{resolved[key]} does not exist, and no earlier stage of this "
+               "job writes it." if name == MAIN_JOB else f"{resolved[key]} does not exist: run "
+               "the stage that writes it into this workdir first.")
+    # A stage that has its own tokenizer saved reads no other (unless it is rerun from scratch).
+    saved_tokenizer = (os.path.isfile(workdir.path(root, stage, workdir.TOKENIZER))
+                       and stage not in rerun)
+    for key, problem in pretrained.problems(resolved, REGISTRY[stage].checkpoints(resolved),
+                                            skip=skip, tokenizers=not saved_tokenizer):
+      report(prefix + key, pretrained.value(stage_config, key), problem)
+    earlier.append(stage)
+  lines = []
+  for (flag, value, problem), settings in found.items():
+    named = flag if settings == [flag] else f"{flag} ({', '.join(settings)})"
+    lines.append(f"{named}={value!r}: {problem}")
+  return lines
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             root: str | None = None) -> None:
+  """Raises ConfigError listing every impossible setting of a config (nested stages included) and,
+  given the workdir `root`, every checkpoint its stages would read and could not use."""
   problems: list[str] = []
   _check(problems, config, "", num_devices or jax.device_count(), None)
+  if root is not None:
+    problems.extend(checkpoint_problems(config, root))
   config_checks.raise_if_any(config.get("stage"), problems)
 
 
@@ -237,15 +320,15 @@ def saved_run_config(config: ml_collections.ConfigDict, root: str,
 
 def run(config: ml_collections.ConfigDict, root: str,
         explicit: Mapping[str, Any] | None = None) -> Any:
-  """Checks the config (every problem at once, before any work), then runs its stage; the main job
-  first runs the upstream stages it needs.
+  """Checks the config and every checkpoint its stages read (every problem at once, before any
+  work), then runs its stage; the main job first runs the upstream stages it needs.
 
   With `explicit` (the flags given on the command line, dotted key -> value), eval mode takes the
   settings of the run saved in the workdir (`saved_run_config`) instead of the config file's.
   """
   if explicit is not None and config.get("mode") == "eval":
     config = saved_run_config(config, root, explicit)
-  validate(config)
+  validate(config, root=root)
   stage = REGISTRY[config.stage]
   directory = (ensemble.output_dir(root, config) if stage.name == MAIN_JOB
                else workdir.stage_dir(root, stage.name))

@@ -1,5 +1,6 @@
 """Synthetic inputs shared by tests (not a test module itself): a tiny MMBT with random weights and
-batches for it; a tiny HF CLIPModel checkpoint with random weights; workdirs for the meta stage whose base learners' logits and MM-SHAP shares are
+batches for it; tiny HF CLIPModel, BertModel (with its vocab.txt) and ResNetModel checkpoints with
+random weights; workdirs for the meta stage whose base learners' logits and MM-SHAP shares are
 written as the stages write them."""
 
 import os
@@ -100,6 +101,32 @@ def save_tiny_hf_clip(folder: str, eos_token_id: int = 2, seed: int = 0) -> torc
     model.logit_scale.fill_(1.3)
   model.save_pretrained(folder)
   return model
+
+
+TINY_BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=128)
+
+
+def save_tiny_hf_bert(folder: str, vocabulary: bool = True) -> str:
+  """A random-weight transformers BertModel of TINY_BERT saved to `folder`, with a WordPiece
+  vocab.txt of its 40 ids (the special tokens, then words) unless `vocabulary` is False."""
+  torch.manual_seed(0)
+  transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained(folder)
+  if vocabulary:
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += [f"word{i}" for i in range(TINY_BERT["vocab_size"] - len(words))]
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+      f.write("\n".join(words) + "\n")
+  return folder
+
+
+def save_tiny_hf_resnet(folder: str) -> str:
+  """A random-weight transformers ResNetModel (one basic block per stage, 8 wide) saved to `folder`."""
+  torch.manual_seed(0)
+  transformers.ResNetModel(transformers.ResNetConfig(
+      embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1],
+      layer_type="basic")).save_pretrained(folder)
+  return folder
 
 
 CLASS_NAMES = ("lamp", "mug", "design/red-circle", "design/blue-square")

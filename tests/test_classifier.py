@@ -18,7 +18,7 @@ from configs import common
 from configs import image as image_configs
 from jmmshap import (builders, classifier, input_pipeline, metrics, parallel, photos, pipeline, train_lib,
                      workdir)
-from jmmshap.models import clip_vision, resnet
+from jmmshap.models import clip_vision, hf, resnet
 from jmmshap.tokenizer import TitleTokenizer
 
 
@@ -322,10 +322,23 @@ def test_an_image_checkpoint_of_another_kind_is_refused_naming_both(tmp_path, ti
   folder = str(tmp_path / "tower")
   _save_clip_tower(folder)
   config = tiny.config("image", str(tmp_path / "tfds"), {"init_from": folder})
-  with pytest.raises(ValueError, match=r"model.kind='resnet' but init_from=.*tower' holds a "
-                                       r"'clip_vision_model' model: use model.kind='clip'"):
+  with pytest.raises(ValueError, match=r"init_from=.*tower': holds a 'clip_vision_model' model .*"
+                                       r"but the image learner's model.kind='resnet' starts from a "
+                                       r"'resnet' checkpoint: use model.kind='clip'"):
     pipeline.run(config, str(tmp_path / "job"))
-  assert not os.path.exists(os.path.join(str(tmp_path / "job"), "image", "checkpoints"))
+  assert not os.path.exists(str(tmp_path / "job"))
+
+
+def test_an_mmbt_given_a_bert_folder_for_its_clip_tower_refuses_it_by_name(tmp_path, tiny):
+  """Read for its architecture as a CLIP tower, a BERT folder once failed with a TypeError about
+  BertConfig's arguments."""
+  folder = fakes.save_tiny_hf_bert(str(tmp_path / "bert"))
+  config = tiny.config("mmbt", str(tmp_path / "tfds"), {"init_from_image": folder})
+  with pytest.raises(hf.CheckpointError, match=rf"init_from_image='{folder}': holds a 'bert' model "
+                                               r".*but the MMBT's image tower \(model.image_tower="
+                                               r"'clip'\) starts from a 'clip' or "
+                                               r"'clip_vision_model' checkpoint"):
+    classifier.effective_config(config)
 
 
 def test_a_clip_learner_from_scratch_has_the_tower_of_model_clip_at_the_data_image_size():

@@ -15,7 +15,7 @@ LAYERS = (
      "photo_hashes", "photos", "plots", "players", "tokenizer", "toyshop", "explanations", "launch",
      "errors"),
     ("catalog", "preparation", "builders", "input_pipeline", "products"),
-    ("config_checks", "workdir", "checkpoints", "stream_files", "tensorboard"),
+    ("config_checks", "workdir", "checkpoints", "stream_files", "tensorboard", "pretrained"),
     ("train_lib", "games", "mmshap", "learner_outputs", "weighting"),
     ("classifier", "clip_pretrain", "mmshap_stage", "meta", "report", "ensemble"),
     ("pipeline", "predictor"),

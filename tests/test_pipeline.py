@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 
+import huggingface_hub.constants
 from PIL import Image
 import pytest
 
+import fakes
 from configs import clip_pretrain, common, image, meta, mmbt, mmshap, text
 from jmmshap import builders, config_checks, pipeline, workdir
 
@@ -168,6 +170,170 @@ def test_unknown_stage_mode_and_rerun_names_are_refused(tmp_path):
     pipeline.run(config, str(tmp_path))
   with pytest.raises(ValueError, match=r"unknown stage\(s\) bert"):
     pipeline.parse_rerun("text,bert")
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+  """Tiny random-weight Hugging Face folders of the three model families the stages start from."""
+  root = tmp_path_factory.mktemp("hf_folders")
+  folders = {name: str(root / name) for name in ("bert", "resnet", "clip")}
+  fakes.save_tiny_hf_bert(folders["bert"])
+  fakes.save_tiny_hf_resnet(folders["resnet"])
+  fakes.save_tiny_hf_clip(folders["clip"])
+  return folders
+
+
+@pytest.fixture
+def stage_runs(monkeypatch):
+  """The stages that ran: every stage's run is replaced by a recorder that creates its folder, so
+  a check that lets a job through shows here (and in the workdir), having trained nothing."""
+  ran = []
+
+  def record(config, root, name):
+    os.makedirs(workdir.stage_dir(root, name), exist_ok=True)
+    ran.append(name)
+
+  for name, stage in pipeline.REGISTRY.items():
+    monkeypatch.setitem(pipeline.REGISTRY, name, dataclasses.replace(
+        stage, run=lambda config, root, name=name: record(config, root, name)))
+  monkeypatch.setattr(pipeline, "_reuse", lambda root, stage, config: False)
+  return ran
+
+
+def _paper_job(folders, data_dir, **checkpoints):
+  """The paper's main job (`toyshop,paper`) from the tiny folders; `checkpoints` override flags."""
+  config = meta.get_config("toyshop,paper")
+  config.data.data_dir = data_dir
+  flags = {"text_checkpoint": folders["bert"], "image_checkpoint": folders["resnet"],
+           "clip_checkpoint": folders["clip"], **checkpoints}
+  for flag, value in flags.items():
+    config[flag] = value
+  return config
+
+
+def _refused(config, job) -> str:
+  """The one error of `pipeline.run`, after which nothing is in the workdir."""
+  with pytest.raises(config_checks.ConfigError) as error:
+    pipeline.run(config, str(job))
+  assert not os.path.exists(job)
+  return str(error.value)
+
+
+def test_the_paper_job_from_usable_folders_passes_its_checkpoint_checks(tmp_path, hf_folders):
+  pipeline.validate(_paper_job(hf_folders, str(tmp_path / "tfds")), num_devices=2,
+                    root=str(tmp_path / "job"))
+
+
+@pytest.mark.parametrize("flag,setting,folder,holds", [
+    ("image_checkpoint", "stages.image.init_from", "clip", "holds a 'clip' model"),
+    ("clip_checkpoint", "stages.mmbt.init_from_image", "bert", "holds a 'bert' model"),
+    ("image_checkpoint", "stages.image.init_from", None, "no such folder or file"),
+])
+def test_a_wrong_checkpoint_fails_the_main_job_before_any_stage_runs(
+    tmp_path, hf_folders, stage_runs, flag, setting, folder, holds):
+  path = hf_folders[folder] if folder else str(tmp_path / "no_such_folder")
+  job = tmp_path / "job"
+  message = _refused(_paper_job(hf_folders, str(tmp_path / "tfds"), **{flag: path}), job)
+  assert stage_runs == []
+  assert message.startswith(f"config.stage='meta': {flag} ({setting})={path!r}: {holds}")
+  assert "\n" not in message  # The one problem, on one line.
+
+
+def test_every_wrong_checkpoint_is_listed_in_one_error_naming_its_flag_and_what_it_holds(
+    tmp_path, hf_folders, stage_runs):
+  missing = str(tmp_path / "no_such_bert")
+  config = _paper_job(hf_folders, str(tmp_path / "tfds"), text_checkpoint=missing,
+                      image_checkpoint=hf_folders["clip"], clip_checkpoint=hf_folders["bert"])
+  config.stages.mmbt.model.num_image_embeddings = 5  # A setting's problem is in the same list.
+  message = _refused(config, tmp_path / "job")
+  assert stage_runs == []
+  assert "4 setting(s) cannot work" in message
+  # One problem of a shared flag is listed once, naming every stage setting it sets.
+  assert (f"text_checkpoint (stages.text.init_from, stages.mmbt.init_from_text)={missing!r}: no "
+          "such folder or file.") in message
+  assert (f"image_checkpoint (stages.image.init_from)={hf_folders['clip']!r}: holds a 'clip' model "
+          "(its config.json's model_type), but the image learner's model.kind='resnet' starts "
+          "from a 'resnet' checkpoint: use model.kind='clip' or another checkpoint.") in message
+  assert (f"clip_checkpoint (stages.mmbt.init_from_image)={hf_folders['bert']!r}: holds a 'bert' "
+          "model (its config.json's model_type), but the MMBT's image tower "
+          "(model.image_tower='clip') starts from a 'clip' or 'clip_vision_model' checkpoint.") in (
+              message)
+  assert "stages.mmbt.model.num_image_embeddings=5" in message
+
+
+def test_a_stage_run_alone_refuses_a_bert_folder_as_its_clip_tower_by_name(tmp_path, hf_folders,
+                                                                           stage_runs):
+  config = mmbt.get_config("toyshop,paper")
+  config.update(init_from_text=hf_folders["bert"], init_from_image=hf_folders["bert"])
+  message = _refused(config, tmp_path / "job")
+  assert stage_runs == []
+  assert f"init_from_image={hf_folders['bert']!r}: holds a 'bert' model" in message
+
+
+def test_a_text_tower_without_its_tokenizer_and_sizes_that_do_not_fit_are_reported(
+    tmp_path, hf_folders, stage_runs):
+  bare = fakes.save_tiny_hf_bert(str(tmp_path / "bert_without_vocabulary"), vocabulary=False)
+  config = _paper_job(hf_folders, str(tmp_path / "tfds"), text_checkpoint=bare)
+  config.stages.mmbt.init_from_text_layers = 3  # The checkpoint has 2.
+  config.stages.mmbt.data.image_size = 100  # Not a multiple of the CLIP tower's 8-pixel patches.
+  message = _refused(config, tmp_path / "job")
+  assert stage_runs == []
+  assert (f"text_checkpoint (stages.text.init_from)={bare!r}: no tokenizer.json or vocab.txt in "
+          f"{bare}: the text learner reads the titles with its checkpoint's tokenizer") in message
+  assert (f"text_checkpoint (stages.mmbt.init_from_text)={bare!r}: num_hidden_layers=3, but the "
+          "checkpoint has 2 layers") in message
+  assert (f"clip_checkpoint (stages.mmbt.init_from_image)={hf_folders['clip']!r}: "
+          "CLIPVisionConfig: image_size=100 is not a multiple of patch_size=8") in message
+  # With a vocabulary: the MMBT's titles longer than the tower has positions (128).
+  config.text_checkpoint = hf_folders["bert"]
+  config.stages.mmbt.init_from_text_layers = 0
+  config.stages.mmbt.data.update(image_size=96, max_length=200)
+  message = _refused(config, tmp_path / "job")
+  assert message.startswith(f"config.stage='meta': text_checkpoint (stages.mmbt.init_from_text)="
+                            f"{hf_folders['bert']!r}: its 128 token positions are fewer than "
+                            "data.max_length=200")
+
+
+def test_a_workdir_path_an_earlier_stage_writes_is_left_to_it_unless_it_is_there(tmp_path,
+                                                                               hf_folders):
+  job = str(tmp_path / "job")
+  config = _paper_job(hf_folders, str(tmp_path / "tfds"), clip_checkpoint="workdir:image/export")
+  config.stages.mmbt.model.image_tower = "resnet"
+  pipeline.validate(config, num_devices=2, root=job)  # The image stage will write it.
+  with pytest.raises(config_checks.ConfigError, match=r"init_from_image='workdir:image/export': "
+                                                      r".*job/image/export does not exist: run "):
+    pipeline.validate(config.stages.mmbt, num_devices=2, root=job)  # Alone, it must be there.
+  config.stages.mmbt.init_from_image = "workdir:image/exported"  # Not a path the image stage writes.
+  with pytest.raises(config_checks.ConfigError, match=r"image/exported does not exist, and no "
+                                                      r"earlier stage of this job writes it"):
+    pipeline.validate(config, num_devices=2, root=job)
+  # A finished image stage's export is checked: a CLIP tower for the MMBT's ResNet tower is not.
+  config.stages.mmbt.init_from_image = "workdir:image/export"
+  fakes.save_tiny_hf_clip(os.path.join(job, "image", "export"))
+  with pytest.raises(config_checks.ConfigError, match=r"clip_checkpoint \(stages.mmbt."
+                                                      r"init_from_image\)='workdir:image/export': "
+                                                      r"holds a 'clip' model"):
+    pipeline.validate(config, num_devices=2, root=job)
+  config.rerun = "image"  # Unless the job writes it again.
+  pipeline.validate(config, num_devices=2, root=job)
+
+
+def test_hub_names_not_in_the_cache_are_reported_offline(tmp_path, monkeypatch):
+  """The paper's checkpoints by hub name, offline with an empty cache: each fails now, as its
+  stage would."""
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+  config = meta.get_config("taimd17k,paper")
+  pipeline.validate(config, num_devices=8)  # The settings alone (no workdir) read no checkpoint.
+  with pytest.raises(config_checks.ConfigError) as error:
+    pipeline.validate(config, num_devices=8, root=str(tmp_path / "job"))
+  message = str(error.value)
+  assert "3 setting(s) cannot work" in message
+  for flag, name in (("text_checkpoint", "bert-base-uncased"),
+                     ("image_checkpoint", "microsoft/resnet-152"),
+                     ("clip_checkpoint", "openai/clip-vit-base-patch32")):
+    assert f"{flag} (" in message and (f"={name!r}: not a local folder, and the Hugging Face hub "
+                                       "could not provide it") in message
 
 
 def test_the_registry_lists_each_stage_once_after_what_it_reads():

@@ -334,6 +334,18 @@ def _canonical_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return renamed
 
 
+def cut(path: str, config: BertConfig, num_hidden_layers: int | None) -> BertConfig:
+  """A checkpoint's config kept to its first `num_hidden_layers` layers (None: all of them): what
+  `from_pretrained` builds, and what `jmmshap.models.architecture` records and checks first."""
+  if num_hidden_layers is None:
+    return config
+  if not 1 <= num_hidden_layers <= config.num_hidden_layers:
+    raise CheckpointError(f"{path}: num_hidden_layers={num_hidden_layers}, but the checkpoint has "
+                          f"{config.num_hidden_layers} layers; keep between 1 and "
+                          f"{config.num_hidden_layers}.")
+  return dataclasses.replace(config, num_hidden_layers=num_hidden_layers)
+
+
 def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int | None = None,
                     num_hidden_layers: int | None = None,
                     add_pooling_layer: bool = True, dtype: Any = jnp.float32,
@@ -359,14 +371,11 @@ def from_pretrained(path: str, hf_config: Mapping[str, Any], *, num_labels: int 
     raise CheckpointError(f"{path}/config.json: {e}") from e
   dropped_layers = ()
   if num_hidden_layers is not None and num_hidden_layers != config.num_hidden_layers:
-    if not 1 <= num_hidden_layers <= config.num_hidden_layers:
-      raise ValueError(f"{path}: num_hidden_layers={num_hidden_layers}, but the checkpoint has "
-                       f"{config.num_hidden_layers} layers; keep between 1 and {config.num_hidden_layers}.")
     dropped_layers = tuple(f"encoder.layer.{i}." for i in range(num_hidden_layers,
                                                                 config.num_hidden_layers))
     logger.info("%s: keeping the first %d of %d layers.", path, num_hidden_layers,
                 config.num_hidden_layers)
-    config = dataclasses.replace(config, num_hidden_layers=num_hidden_layers)
+    config = cut(path, config, num_hidden_layers)
   tensors = _canonical_names(hf.read_tensors(path))
 
   head = tensors.get("classifier.weight")

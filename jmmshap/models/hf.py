@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import huggingface_hub
@@ -28,6 +28,15 @@ from jmmshap import errors
 
 class CheckpointError(ValueError, errors.UserError):
   """A checkpoint that does not fit the model it is loaded into."""
+
+
+class ModelTypeError(CheckpointError):
+  """A checkpoint of another model family than the one asked for (config.json's `model_type`)."""
+
+  def __init__(self, path: str, found: str | None, expected: Sequence[str]):
+    self.path, self.found, self.expected = path, found, tuple(expected)
+    super().__init__(f"{path}: config.json has model_type={found!r}, not "
+                     f"{' or '.join(map(repr, self.expected))}.")
 
 
 PACKAGE_PREFIX = "pip:"
@@ -90,17 +99,21 @@ def read_config(path: str) -> dict:
     return json.load(f)
 
 
+def weights_file(folder: str) -> str:
+  """The weights file of a checkpoint folder, the one `read_tensors` reads."""
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  raise CheckpointError(
+      f"{folder}: neither model.safetensors nor pytorch_model.bin found; "
+      "save the checkpoint with `save_pretrained(folder, safe_serialization=True)`.")
+
+
 def read_tensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint folder (or a single .safetensors/.bin file) as float32/int numpy."""
   path = resolve_path(path)
   if os.path.isdir(path):
-    candidates = ["model.safetensors", "pytorch_model.bin"]
-    found = [c for c in candidates if os.path.isfile(os.path.join(path, c))]
-    if not found:
-      raise CheckpointError(
-          f"{path}: neither model.safetensors nor pytorch_model.bin found; "
-          "save the checkpoint with `save_pretrained(folder, safe_serialization=True)`.")
-    path = os.path.join(path, found[0])
+    path = weights_file(path)
   if path.endswith(".safetensors"):
     try:
       return dict(safetensors.numpy.load_file(path))
