@@ -18,8 +18,8 @@ sizes): each chunk's photos are read, every model run on it, and its rows append
 files, so memory holds one chunk whatever the catalogue's size. The photos are checked (decoded)
 once before any model runs, without keeping them.
 
-Several processes (one per host) predict together with the launch flags of train.py (README,
-"Multi-host"): each reads its rows of every batch; process 0 writes the one output, in input order.
+Several processes (one per host) predict together with the launch flags of train.py
+(docs/MULTIHOST.md, "Several hosts"): each reads its rows of every batch; process 0 writes the one output, in input order.
 """
 
 from absl import app, flags

@@ -7,7 +7,8 @@ r"""Trains and evaluates one stage of the jmmshap pipeline.
 
 Several processes (one per host) train one model together: under SLURM or Open MPI `srun`/`mpirun`
 starts them and JAX finds its peers by itself; elsewhere give each process the coordinator's address,
-the process count and its own index (README, "Multi-host"; the flags are `jmmshap/launch.py`'s).
+the process count and its own index (docs/MULTIHOST.md, "Several hosts"; the flags are
+`jmmshap/launch.py`'s).
 """
 
 import sys

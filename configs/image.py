@@ -6,7 +6,7 @@ standard widths (ResNet-152: `--config.model.depth=152 --config.model.width=64`)
 `--config.init_from=DIR` starts from a HF ResNet folder or a torchvision state-dict file.
 
 Options for a stronger learner, off by default; the fashion variants turn on flips, smoothing and
-flip averaging (docs: README, "The image learner's options"; measured in docs/RESULTS.md on fashion
+flip averaging (docs/TRAINING.md, "The image learner's options"; measured in docs/RESULTS.md on fashion
 at 64 px: 12 epochs with them gained 0.043-0.047 test macro F1; crops, even of 70-100%, cost
 0.01-0.02, and the EMA 0.005):
   --config.random_flip=True --config.random_crop=True   seeded per step, resumable; no colour changes

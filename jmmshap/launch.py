@@ -3,7 +3,7 @@ compilation cache, and the multi-process runtime, with the flags that set them.
 
 Several processes (one per host) run one job: under SLURM or Open MPI `srun`/`mpirun` starts them
 and JAX finds its peers by itself; elsewhere each process is given the coordinator's address, the
-process count and its own index (README, "Multi-host").
+process count and its own index (docs/MULTIHOST.md, "Several hosts").
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jmmshap")
 
-# Bottom to top; a module may import its own layer and the ones below (README, "Architecture").
+# Bottom to top; a module may import its own layer and the ones below (docs/ARCHITECTURE.md).
 LAYERS = (
     ("models", "models.bert", "models.clip", "models.clip_vision", "models.hf",
      "models.initializers", "models.mmbt", "models.resnet", "shapley", "metrics", "parallel",
