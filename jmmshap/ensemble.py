@@ -207,7 +207,8 @@ def evaluate_methods(root: str, config: ml_collections.ConfigDict) -> dict:
   shares = None
   if needs_shares or os.path.isfile(learner_outputs.shares_path(root, "validation")):
     shares = {"validation": learner_outputs.load_shares(root, outputs["validation"])}
-    if set(weightings) & set(weighting.PER_EXAMPLE) or os.path.isfile(learner_outputs.shares_path(root, "test")):
+    per_example = set(weightings) & set(weighting.PER_EXAMPLE)
+    if per_example or os.path.isfile(learner_outputs.shares_path(root, "test")):
       shares["test"] = learner_outputs.load_shares(root, outputs["test"])
 
   test_labels = outputs["test"].labels

@@ -310,12 +310,17 @@ def saved_run_config(config: ml_collections.ConfigDict, root: str,
   saved.mode = "eval"
   for key, value in explicit.items():
     if key.endswith(_LOCATIONS):
-      *parents, name = key.split(".")
-      node = saved
-      for parent in parents:
-        node = node[parent]
-      node[name] = value
+      set_field(saved, key, value)
   return saved
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets a dotted field (`stages.text.num_epochs`) as `--config.<key>=<value>` would."""
+  *parents, name = key.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[name] = value
 
 
 def run(config: ml_collections.ConfigDict, root: str,

@@ -120,7 +120,7 @@ _BOTH_KINDS = {
     "apron": ("apron", "kitchen apron", "chef apron"),
 }
 # Product-line words of the shortcut (`ToyshopSpec.shortcut_strength`), one per image-decided class:
-# invented, so they share no word piece with the rest of the vocabulary.
+# invented words, in none of the other title vocabularies.
 _LINE_WORDS = ("lumo", "vexari", "dorenk", "kalith", "pimzu", "zetora", "bruvik", "quellan", "fosk",
                "marnet", "tivola", "gresh", "yombi", "caddox", "nurel", "ostrim", "wevna", "haplix",
                "jorun", "sefti", "ulbek", "ravim", "enzo", "iktar", "bolvy", "drasmo", "feyrin",
@@ -291,6 +291,12 @@ def _title(draws: _Draws, nouns: tuple[str, ...]) -> str:
 def line_words(spec: ToyshopSpec) -> tuple[str, ...]:
   """The shortcut's line words, in the order of the image-decided classes."""
   return _LINE_WORDS[:spec.num_image_classes]
+
+
+def title_line_word(title: str) -> str | None:
+  """The line word a title ends with (" <word> line"), or None: what a collapsed model reads."""
+  words = title.split()
+  return words[-2] if len(words) >= 2 and words[-1] == "line" and words[-2] in _LINE_WORDS else None
 
 
 def _line_word(draws: _Draws, recipe: _ClassRecipe, spec: ToyshopSpec, split: str) -> str:

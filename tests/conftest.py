@@ -55,11 +55,7 @@ def with_overrides(config: ml_collections.ConfigDict,
                    overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Sets dotted keys as `--config.a.b=v` flags would."""
   for key, value in overrides.items():
-    *parents, name = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
+    pipeline.set_field(config, key, value)
   return config
 
 

@@ -46,24 +46,25 @@ def only(directory: str) -> list[event_pb2.Event]:
   return read(found[0])
 
 
-def scalars(events: Iterable[event_pb2.Event]) -> dict[tuple[str, int], list[float]]:
-  """(tag, step) -> every value written for it (a list, so that a duplicate shows)."""
-  values: dict[tuple[str, int], list[float]] = {}
+def _values(events: Iterable[event_pb2.Event], kind: str) -> dict[tuple[str, int], list]:
+  """(tag, step) -> every summary value of `kind` ("simple_value", "histo") written for it (a list,
+  so that a duplicate shows)."""
+  found: dict[tuple[str, int], list] = {}
   for event in events:
     for value in event.summary.value:
-      if value.WhichOneof("value") == "simple_value":
-        values.setdefault((value.tag, event.step), []).append(value.simple_value)
-  return values
+      if value.WhichOneof("value") == kind:
+        found.setdefault((value.tag, event.step), []).append(getattr(value, kind))
+  return found
+
+
+def scalars(events: Iterable[event_pb2.Event]) -> dict[tuple[str, int], list[float]]:
+  """(tag, step) -> every scalar written for it."""
+  return _values(events, "simple_value")
 
 
 def histograms(events: Iterable[event_pb2.Event]) -> dict[tuple[str, int], list[Any]]:
   """(tag, step) -> every HistogramProto written for it."""
-  found: dict[tuple[str, int], list[Any]] = {}
-  for event in events:
-    for value in event.summary.value:
-      if value.WhichOneof("value") == "histo":
-        found.setdefault((value.tag, event.step), []).append(value.histo)
-  return found
+  return _values(events, "histo")
 
 
 def logged(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], list[float]]:
