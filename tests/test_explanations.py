@@ -72,7 +72,7 @@ def test_markup_in_titles_ids_and_class_names_renders_as_text():
   assert [attrs["data-id"] for attrs in sections] == [BREAKOUT + SCRIPT]
 
 
-def test_the_png_of_a_hostile_card_draws_its_text():
+def test_a_hostile_card_still_renders_as_a_png_wider_than_its_photo():
   with Image.open(io.BytesIO(_hostile_card().png())) as image:
     assert image.format == "PNG" and image.width > 2 * explanations.PNG_PHOTO_SIZE
 
